@@ -1,0 +1,357 @@
+"""Typed run configuration: YAML composition, `key=value` overrides, validation.
+
+One config describes a whole run (model + parallel layout + training + data); DeepSpeed's
+JSON config is generated from it (engine.py), so users never write two.
+
+Composition: a YAML file may list other YAML files under `include:` (paths relative to the
+including file); they are merged in order, then the file's own keys on top, then command-line
+overrides such as `model.hidden_size=128`. Every key is checked against the dataclasses below,
+so a typo is an error, not a silently ignored setting.
+
+`validate()` runs before any process group exists: a bad config costs the user one line and a
+non-zero exit, never a half-started job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+FFN_KINDS = ("gelu", "swiglu", "afb-gelu", "afb-swiglu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed. The message is one line naming key, value, rule."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    # None: 4 * hidden for GELU kinds, 2/3 of that (rounded up to a multiple of 64) for SwiGLU.
+    ffn_hidden_size: Optional[int] = None
+    ffn_kind: str = "afb-gelu"
+    feedback_rank: int = 64
+    seq_length: int = 128
+    # The tokenizer's vocabulary size; the embedding is padded to a multiple of
+    # `make_vocab_size_divisible_by` (independent of TP so every layout builds the same model).
+    vocab_size: int = 8192
+    make_vocab_size_divisible_by: int = 128
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    add_bias_linear: bool = True
+    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    tie_embeddings: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+
+    @property
+    def is_afb(self) -> bool:
+        return self.ffn_kind.startswith("afb-")
+
+    @property
+    def is_gated(self) -> bool:
+        return self.ffn_kind.endswith("swiglu")
+
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        f = 4 * self.hidden_size
+        if self.is_gated:
+            f = -(-(2 * f // 3) // 64) * 64
+        return f
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    # Data-parallel degree is derived: world_size / (tensor * pipeline).
+    sequence_parallel: bool = False
+    zero_stage: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 3.0e-3
+    min_lr: float = 3.0e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    seed: int = 1234
+    log_interval: int = 10
+    eval_interval: int = 50
+    eval_iters: int = 4
+    save_interval: int = 100
+    run_dir: str = "runs/default"
+
+
+@dataclass
+class DatasetEntry:
+    # Path prefix of a prepared dataset: `<prefix>.bin` and `<prefix>.idx`.
+    prefix: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    # sentencepiece model produced by data_prep; its vocabulary must match model.vocab_size.
+    tokenizer: str = ""
+    datasets: list[DatasetEntry] = field(default_factory=list)
+    # train,valid,test proportions, megatron-core's split string format.
+    split: str = "949,50,1"
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class MetricsConfig:
+    # Layer metrics (gate entropy, bias-correction ratio, activation drift) every N steps; 0 = off.
+    layer_metrics_interval: int = 50
+    grad_norm_window: int = 100
+    loss_spike_factor: float = 2.0
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building typed configs from plain dicts
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping of {tp.__name__} fields")
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(names))}")
+        kwargs[k] = _check_type(key, v, hints[k])
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"include cycle through {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
+    merged: dict = {}
+    for inc in data.pop("include", None) or []:
+        merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
+    return _deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load, compose and type-check a config (validation against a world size is separate)."""
+    data = _read_yaml(Path(path)) if path else {}
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {ov!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return _from_dict(Config, data)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (no torch.distributed needed)
+
+
+def validate_model(m: ModelConfig, tensor_parallel: int = 1) -> None:
+    """Rules of the layer itself; also used by the model builders."""
+    if m.ffn_kind not in FFN_KINDS:
+        raise ConfigError(f"model.ffn_kind={m.ffn_kind!r} is not allowed; choose one of {', '.join(FFN_KINDS)}")
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "vocab_size"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
+    if m.feedback_rank < 1:
+        raise ConfigError(f"model.feedback_rank={m.feedback_rank} must be >= 1")
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} must be divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    f = m.resolved_ffn_hidden_size
+    if f < 1:
+        raise ConfigError(f"model.ffn_hidden_size={f} must be >= 1")
+    t = tensor_parallel
+    if f % t:
+        raise ConfigError(f"model.ffn_hidden_size={f} must be divisible by parallel.tensor={t}")
+    if m.num_attention_heads % t:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} must be divisible by parallel.tensor={t}"
+        )
+    if m.padded_vocab_size % t:
+        raise ConfigError(
+            f"padded vocabulary {m.padded_vocab_size} (model.make_vocab_size_divisible_by="
+            f"{m.make_vocab_size_divisible_by}) must be divisible by parallel.tensor={t}"
+        )
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+
+
+def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None) -> None:
+    """Every rule a run must satisfy, checked before any process group starts."""
+    p, t = cfg.parallel, cfg.train
+    for key in ("tensor", "pipeline"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} is not allowed; choose 0, 1, 2 or 3")
+    if world_size % (p.tensor * p.pipeline):
+        raise ConfigError(
+            f"world size {world_size} is not a multiple of parallel.tensor x parallel.pipeline = "
+            f"{p.tensor} x {p.pipeline}; world size must equal TP x PP x DP"
+        )
+    validate_model(cfg.model, p.tensor)
+    if cfg.model.num_layers % p.pipeline:
+        raise ConfigError(
+            f"model.num_layers={cfg.model.num_layers} must be divisible by parallel.pipeline={p.pipeline}"
+        )
+    if p.pipeline > 1 and p.zero_stage >= 2:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed's "
+            "pipeline engine supports ZeRO stage 0 or 1 only"
+        )
+    dp = data_parallel_size(cfg, world_size)
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}"
+        )
+    if t.steps < 1:
+        raise ConfigError(f"train.steps={t.steps} must be >= 1")
+    if not 0 <= t.warmup_steps <= t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be between 0 and train.steps={t.steps}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if t.precision != "fp32" and not cuda_available:
+        raise ConfigError(
+            f"train.precision={t.precision} needs a GPU and none is available; use train.precision=fp32 on CPU"
+        )
+    if p.sequence_parallel and not cuda_available:
+        raise ConfigError(
+            "parallel.sequence_parallel=true needs a GPU: megatron-core's local norm refuses sequence "
+            "parallelism without Apex/Transformer Engine; use parallel.sequence_parallel=false on CPU"
+        )
+    if p.sequence_parallel and p.tensor == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+    total = sum(d.weight for d in cfg.data.datasets)
+    for i, d in enumerate(cfg.data.datasets):
+        if d.weight <= 0:
+            raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
+    if cfg.data.datasets and total <= 0:
+        raise ConfigError("data.datasets weights must sum to a positive number")
