@@ -46,7 +46,8 @@ class ModelConfig:
     vocab_size: int = 8192
     make_vocab_size_divisible_by: int = 128
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
-    add_bias_linear: bool = True
+    # None: biases for the GELU kinds, none for SwiGLU (the design's SwiGLU has no biases).
+    add_bias_linear: Optional[bool] = None
     position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
     tie_embeddings: bool = True
     init_method_std: float = 0.02
@@ -60,6 +61,10 @@ class ModelConfig:
     @property
     def is_gated(self) -> bool:
         return self.ffn_kind.endswith("swiglu")
+
+    @property
+    def use_bias(self) -> bool:
+        return (not self.is_gated) if self.add_bias_linear is None else self.add_bias_linear
 
     @property
     def resolved_ffn_hidden_size(self) -> int:

@@ -1,0 +1,48 @@
+"""The few patches megatron-core 0.16.1 needs to run on a machine without CUDA.
+
+megatron-core assumes a GPU in a handful of places that matter to us. Everything CPU-specific
+lives here, applied once by `apply()` and only when CUDA is absent, so GPU runs execute
+megatron-core unmodified. Each patch names the place it works around.
+
+Not patched here, handled by the callers instead:
+- `get_default_causal_mask` (transformer/utils.py:35) allocates on "cuda": the model code always
+  passes an explicit attention mask.
+- megatron-core's activation recompute (tensor_parallel/random.py:55) needs CUDA RNG states:
+  activation checkpointing goes through DeepSpeed instead (engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_applied = False
+
+
+def apply() -> bool:
+    """Install the CPU shims if CUDA is unavailable. Idempotent. Returns True if installed."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+
+    # GlobalMemoryBuffer.get_tensor (utils.py:631), rotary embeddings and
+    # gather_from_tensor_model_parallel_region allocate on `torch.cuda.current_device()`.
+    # Answering "cpu" makes those allocations land on the only device there is.
+    torch.cuda.current_device = lambda: "cpu"
+    _applied = True
+    reset_rng_tracker()
+    return True
+
+
+def reset_rng_tracker() -> None:
+    """Attention dropout forks megatron's CUDA RNG tracker, which raises without CUDA states.
+
+    The inference tracker makes `fork()` a no-op context. Dropout is then drawn from torch's
+    default CPU generator, which is fine for CPU runs (dropout is 0 in the test configs).
+    """
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)

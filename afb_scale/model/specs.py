@@ -1,0 +1,52 @@
+"""megatron-core layer specs for each FFN kind: gelu | swiglu | afb-gelu | afb-swiglu.
+
+All four start from megatron-core's local (non-Transformer-Engine) GPT layer spec: swapping the
+MLP inside the TE spec would drop the pre-MLP layernorm, which TE fuses into fc1. GELU vs
+SwiGLU is a TransformerConfig matter (`gated_linear_unit`, see gpt.py), so the baselines keep
+megatron's own MLP and the AFB kinds swap in `AFBMLP`, which extends it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from afb_scale.config import FFN_KINDS, ConfigError
+from afb_scale.model.parallel_afb import afb_mlp_spec
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose initial weights depend only on (init_seed, layer_number).
+
+    Reseeding before each layer is built makes the model independent of how layers are split
+    across pipeline stages: a stage that builds layers 13..24 initialises them exactly as a
+    one-stage model would. Together with megatron's CPU initialisation (full tensor from the
+    seed, then sliced), every TP x PP layout starts from the same full model.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: Optional[int] = None, **kwargs):
+        if init_seed is not None:
+            torch.manual_seed(init_seed * 1000 + layer_number)
+        super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+
+def transformer_layer_spec(
+    ffn_kind: str,
+    feedback_rank: int = 64,
+    normalization: str = "LayerNorm",
+    init_seed: Optional[int] = None,
+    feedback_out_init_std: float = 0.0,
+) -> ModuleSpec:
+    """The TransformerLayer spec for one FFN kind."""
+    if ffn_kind not in FFN_KINDS:
+        raise ConfigError(f"model.ffn_kind={ffn_kind!r} is not allowed; choose one of {', '.join(FFN_KINDS)}")
+    spec = get_gpt_layer_local_spec(normalization=normalization)
+    spec.module = SeededTransformerLayer
+    spec.params = {**(spec.params or {}), "init_seed": init_seed}
+    if ffn_kind.startswith("afb-"):
+        spec.submodules.mlp = afb_mlp_spec(feedback_rank, feedback_out_init_std)
+    return spec
