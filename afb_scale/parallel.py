@@ -32,6 +32,10 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_minutes: int = 
         dist.init_process_group(
             backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
         )
+    import deepspeed
+
+    # DeepSpeed's comm layer wraps the existing torch.distributed group (no second init).
+    deepspeed.init_distributed(dist_backend=default_backend(), auto_mpi_discovery=False)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
@@ -44,3 +48,57 @@ def destroy_distributed() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """The `mpu` object DeepSpeed expects, answered from megatron-core's parallel_state.
+
+    DeepSpeed's "model parallel" means the tensor-parallel group (it reduces norms and keeps
+    non-duplicated parameters over it); megatron-core's `get_model_parallel_group` is TP x PP,
+    and it lacks `get_model_parallel_rank/world_size`. This adapter supplies those and forwards
+    everything else. It is used for the non-pipelined engine; the pipeline engine brings its
+    own grid from the topology, which `check_topology_agrees` compares with megatron's groups.
+    """
+
+    def get_model_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self):
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self):
+        return parallel_state.get_tensor_model_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self):
+        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+
+    def get_pipe_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    def __getattr__(self, name):
+        return getattr(parallel_state, name)
+
+
+def deepspeed_topology(tensor: int, pipeline: int, world_size: int):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    return PipeModelDataParallelTopology(
+        num_pp=pipeline, num_mp=tensor, num_dp=world_size // (tensor * pipeline)
+    )
+
+
+def check_topology_agrees(topology) -> None:
+    """DeepSpeed's grid and megatron-core's groups must put this rank with the same peers."""
+    rank = dist.get_rank()
+    coord = topology.get_coord(rank)
+    expected = {
+        "tensor": (coord.model, parallel_state.get_tensor_model_parallel_rank()),
+        "pipeline": (coord.pipe, parallel_state.get_pipeline_model_parallel_rank()),
+        "data": (coord.data, parallel_state.get_data_parallel_rank()),
+    }
+    for axis, (ds_rank, mcore_rank) in expected.items():
+        if ds_rank != mcore_rank:
+            raise RuntimeError(
+                f"rank {rank}: DeepSpeed topology puts it at {axis} rank {ds_rank}, "
+                f"megatron-core at {mcore_rank}; the rank orders disagree"
+            )

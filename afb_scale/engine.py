@@ -1,0 +1,243 @@
+"""The DeepSpeed engine, configured from afb_scale's config (the only DeepSpeed contact).
+
+Two paths, chosen by `parallel.pipeline`:
+- PP = 1: megatron-core's GPTModel under DeepSpeedEngine, ZeRO 0-3 over the data-parallel
+  group, megatron-core's parallel_state as DeepSpeed's `mpu` (through MegatronMPU).
+- PP > 1: the same blocks as a DeepSpeed PipelineModule (model/pipeline.py) under
+  PipelineEngine, which supports ZeRO 0-1 only (config validation enforces that).
+
+DeepSpeed's JSON config is generated here from ours, so a user writes one config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from afb_scale.config import Config, data_parallel_size
+from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+from afb_scale.model.lm_loss import LMLoss
+from afb_scale.model.pipeline import build_pipeline_model
+from afb_scale.parallel import MegatronMPU, check_topology_agrees, deepspeed_topology
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    t, p = cfg.train, cfg.parallel
+    dp = data_parallel_size(cfg, world_size)
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": {"stage": p.zero_stage},
+        # Our optimizer is torch's AdamW (the fused ones need CUDA); ZeRO wraps it as it is.
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,  # dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "steps_per_print": 2**31 - 1,  # the training loop does the logging
+        "wall_clock_breakdown": False,
+    }
+    if t.activation_checkpointing and p.pipeline > 1:
+        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
+    return ds
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup to train.lr, then cosine decay to train.min_lr at train.steps."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), as is usual for GPT."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class GPTWithLoss(torch.nn.Module):
+    """GPTModel plus the shared loss, so DeepSpeedEngine's forward returns the loss."""
+
+    def __init__(self, gpt: torch.nn.Module, loss_fn: LMLoss, seq_length: int):
+        super().__init__()
+        self.gpt = gpt
+        self.loss_fn = loss_fn
+        self.register_buffer("mask", causal_attention_mask(seq_length), persistent=False)
+
+    def forward(self, tokens, labels, loss_mask):
+        logits = self.gpt(tokens, position_ids_for(tokens), self.mask)  # [b, s, v/t]
+        return self.loss_fn(logits.transpose(0, 1), (labels, loss_mask))
+
+
+def model_grad_norm(params) -> torch.Tensor:
+    """Global L2 norm of the gradients, each parameter counted once across TP and PP.
+
+    megatron-core's rule: a tensor-parallel shard counts on every TP rank, a replicated
+    parameter on one of them, the pipeline's second copy of a tied embedding (marked `shared`)
+    not at all; squares are summed over the TP x PP group. (megatron's get_grad_norm_fp32
+    allocates on CUDA, hence these few lines.)
+    """
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    grads = [p.grad for p in params if p.grad is not None
+             and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    device = grads[0].device if grads else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        total += g.detach().float().pow(2).sum()
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return total.sqrt()
+
+
+def _clip_fp32_gradients_correctly(engine) -> None:
+    """Replace DeepSpeed's fp32 ZeRO-0 clipping with a norm that is right under PP, and keep it.
+
+    DeepSpeed 0.19.8 on that path (runtime/engine.py:3503) counts replicated parameters only
+    on ranks whose pipe x model rank is 0 -- so under pipeline parallelism the layer norms of
+    later stages are left out -- and discards the norm it computed. ZeRO >= 1 and the mixed
+    precision optimizers have their own (stage-aware) norm and are left alone.
+    """
+
+    def clip_fp32_gradients():
+        params = list(engine.module.parameters())
+        norm = model_grad_norm(params)
+        torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the global batch
+    grad_norm: Optional[float]
+    lr: float
+    loss_scale: Optional[float]
+
+
+class Engine:
+    """Build the model and DeepSpeed engine for a validated config; one call per global batch."""
+
+    def __init__(self, cfg: Config, world_size: int):
+        self.cfg = cfg
+        self.pipelined = cfg.parallel.pipeline > 1
+        self.loss_fn = LMLoss()
+        t, p = cfg.train, cfg.parallel
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.pipelined:
+            topology = deepspeed_topology(p.tensor, p.pipeline, world_size)
+            check_topology_agrees(topology)
+            model = build_pipeline_model(cfg.model, p, topology, t.precision, t.seed, self.loss_fn,
+                                         t.activation_checkpointing)
+            mpu = None  # PipelineEngine uses the module's own grid
+        else:
+            gpt = build_gpt_model(cfg.model, p, t.precision, t.seed)
+            if t.activation_checkpointing:
+                gpt.config.recompute_granularity = "full"
+                gpt.config.recompute_method = "uniform"
+                gpt.config.recompute_num_layers = 1
+            model = GPTWithLoss(gpt, self.loss_fn, cfg.model.seq_length)
+            mpu = MegatronMPU()
+        model.to(self.device)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / t.lr)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+            config=deepspeed_config(cfg, world_size),
+        )
+        _clip_fp32_gradients_correctly(self.engine)
+        # Runtime randomness (dropout) differs per data-parallel rank, identical within a TP group.
+        torch.manual_seed(t.seed + 100 * parallel_state.get_data_parallel_rank())
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def is_last_stage(self) -> bool:
+        return parallel_state.is_pipeline_last_stage()
+
+    def _to_device(self, mb: dict) -> dict:
+        return {k: v.to(self.device) for k, v in mb.items()}
+
+    def _pipe_iter(self, micro_batches: list[dict]) -> Iterable:
+        for mb in micro_batches:
+            mb = self._to_device(mb)
+            yield mb["tokens"], (mb["labels"], mb["loss_mask"])
+
+    def train_batch(self, micro_batches: list[dict]) -> StepResult:
+        """One optimizer step over this rank's micro-batches of the global batch."""
+        if self.pipelined:
+            loss = self.engine.train_batch(data_iter=iter(self._pipe_iter(micro_batches))).item()
+        else:
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for mb in micro_batches:
+                mb = self._to_device(mb)
+                loss = self.engine(mb["tokens"], mb["labels"], mb["loss_mask"])
+                self.engine.backward(loss)
+                self.engine.step()
+                total += loss.detach().double()
+            total /= len(micro_batches)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            loss = (total / parallel_state.get_data_parallel_world_size()).item()
+        return StepResult(loss=loss, grad_norm=self.grad_norm(), lr=self.scheduler.get_last_lr()[0],
+                          loss_scale=self.loss_scale())
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def loss_scale(self) -> Optional[float]:
+        if self.cfg.train.precision != "fp16":
+            return None
+        return float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 0.0)))
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[dict]) -> tuple[float, float]:
+        """(mean loss, token accuracy) over this rank's micro-batches, averaged over data-parallel ranks."""
+        self.loss_fn.reset_accuracy()
+        self.loss_fn.track_accuracy = True
+        try:
+            if self.pipelined:
+                loss = self.engine.eval_batch(data_iter=iter(self._pipe_iter(micro_batches)),
+                                              num_micro_batches=len(micro_batches)).item()
+            else:
+                self.engine.eval()
+                losses = [self.engine(**self._to_device(mb)).item() for mb in micro_batches]
+                self.engine.train()
+                loss = sum(losses) / len(losses)
+                t = torch.tensor([loss], dtype=torch.float64, device=self.device)
+                dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+                loss = t.item() / parallel_state.get_data_parallel_world_size()
+            counts = torch.tensor([self.loss_fn.correct, self.loss_fn.counted], dtype=torch.float64, device=self.device)
+        finally:
+            self.loss_fn.track_accuracy = False
+        # Only the last pipeline stage computed logits: sum its counts over DP, share over PP.
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        if self.pipelined:
+            dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+        accuracy = (counts[0] / counts[1].clamp(min=1)).item()
+        return loss, accuracy
