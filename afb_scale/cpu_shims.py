@@ -7,8 +7,6 @@ megatron-core unmodified. Each patch names the place it works around.
 Not patched here, handled by the callers instead:
 - `get_default_causal_mask` (transformer/utils.py:35) allocates on "cuda": the model code always
   passes an explicit attention mask.
-- megatron-core's activation recompute (tensor_parallel/random.py:55) needs CUDA RNG states:
-  activation checkpointing goes through DeepSpeed instead (engine.py).
 """
 
 from __future__ import annotations
@@ -30,6 +28,14 @@ def apply() -> bool:
     # gather_from_tensor_model_parallel_region allocate on `torch.cuda.current_device()`.
     # Answering "cpu" makes those allocations land on the only device there is.
     torch.cuda.current_device = lambda: "cpu"
+
+    # Activation recompute (CheckpointFunction) saves and restores the CPU and CUDA RNG states
+    # (tensor_parallel/random.py:444-460); the CUDA half raises without CUDA (random.py:55).
+    # With no CUDA generator there is nothing to save, and the CPU state is still restored.
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mpu_random._set_cuda_rng_state = lambda *args, **kwargs: None
     _applied = True
     reset_rng_tracker()
     return True

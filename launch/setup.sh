@@ -19,6 +19,6 @@ fi
 
 # DeepSpeed on CPU JIT-builds a shared-memory comm op on first use; two ranks building it at
 # once has aborted runs, so build it once here (cached under ~/.cache/torch_extensions).
-if ! "$PYTHON" -c "import torch,sys; sys.exit(torch.cuda.is_available())"; then :; else
-  DS_ACCELERATOR=cpu "$PYTHON" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 || true
+if "$PYTHON" -c "import sys, torch; sys.exit(torch.cuda.is_available())"; then
+  DS_ACCELERATOR=cpu "$PYTHON" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 fi

@@ -43,6 +43,11 @@ def test_tensor_parallel():
     assert_matches(run_ranks(run_engine, 2, {"parallel.tensor": 2}))
 
 
+def test_tensor_parallel_with_activation_recompute():
+    # PP = 1 recomputes through megatron-core's own CheckpointFunction (CPU-shimmed RNG states).
+    assert_matches(run_ranks(run_engine, 2, {"parallel.tensor": 2, "train.activation_checkpointing": True}))
+
+
 def test_pipeline_parallel():
     assert_matches(run_ranks(run_engine, 2, {"parallel.pipeline": 2}))
 

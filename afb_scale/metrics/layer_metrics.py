@@ -27,7 +27,14 @@ class LayerStats:
 
 
 def afb_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (AFBMLP, ReferenceAFBFFN))}
+    """AFB layers by name: `layerNN` (global layer number, the same under any pipeline split)
+    inside a transformer, else the module path."""
+    by_layer = {
+        f"layer{m.layer_number:02d}": m.mlp
+        for m in model.modules()
+        if hasattr(m, "layer_number") and isinstance(getattr(m, "mlp", None), AFBMLP)
+    }
+    return by_layer or {n: m for n, m in model.named_modules() if isinstance(m, (AFBMLP, ReferenceAFBFFN))}
 
 
 @contextlib.contextmanager
