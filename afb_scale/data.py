@@ -41,7 +41,7 @@ import torch.distributed as dist
 from afb_scale.config import Config, ConfigError
 from data_prep.errors import DataError
 from data_prep.outputs import file_sha256, metadata_path
-from data_prep.tokenize import load_tokenizer
+from data_prep.tokenizer import load_tokenizer
 
 # Importing megatron-core warns that GPU-only libraries (Apex, Transformer Engine) are absent.
 with warnings.catch_warnings():

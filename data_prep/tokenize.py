@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-import sentencepiece
 from tqdm import tqdm
 
 from data_prep.encode import DocumentEncoder, encode_in_worker, init_worker
 from data_prep.errors import DataError, run_command
 from data_prep.inputs import Document, find_input_files, read_documents
 from data_prep.outputs import file_sha256, metadata_path, refuse_existing, staged_outputs, write_json
-from data_prep.tokenizer import add_input_arguments
+from data_prep.tokenizer import add_input_arguments, load_tokenizer
 
 # A batch of documents is one task for a worker: large enough to amortise the inter-process
 # transfer, small enough that workers finish together (a 1 MB batch made the standard
@@ -100,21 +99,6 @@ def _encoded_in_order(
         while pending:
             done, result = pending.popleft()
             yield (done, *result.get())
-
-
-def load_tokenizer(path: str | Path) -> sentencepiece.SentencePieceProcessor:
-    """Load a sentencepiece model that has the end-of-document piece, or raise a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"tokenizer {str(path)!r} does not exist")
-    processor = sentencepiece.SentencePieceProcessor()
-    try:
-        processor.Load(str(path))
-    except (OSError, RuntimeError):
-        raise DataError(f"tokenizer {str(path)!r} is not a sentencepiece model") from None
-    if processor.eos_id() < 0:
-        raise DataError(f"tokenizer {str(path)!r} has no end-of-document (eos) piece; train it with data_prep.tokenizer")
-    return processor
 
 
 def dataset_paths(output_prefix: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Train a sentencepiece tokenizer on text, JSONL or gzip inputs.
+"""Sentencepiece tokenizers: training one on text, JSONL or gzip inputs, and loading one.
 
     python -m data_prep.tokenizer --input corpus/ --out data/tok/tokenizer --vocab-size 8192
 
@@ -145,6 +145,21 @@ def train_tokenizer(
         }
         write_json(tmp_meta, metadata)
     return metadata
+
+
+def load_tokenizer(path: str | Path) -> sentencepiece.SentencePieceProcessor:
+    """Load a sentencepiece model that has the end-of-document piece, or raise a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer {str(path)!r} does not exist")
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except (OSError, RuntimeError):
+        raise DataError(f"tokenizer {str(path)!r} is not a sentencepiece model") from None
+    if processor.eos_id() < 0:
+        raise DataError(f"tokenizer {str(path)!r} has no end-of-document (eos) piece; train it with data_prep.tokenizer")
+    return processor
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:

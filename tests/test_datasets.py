@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,31 @@ def test_blend_follows_the_weights_and_is_reproducible(prepared, tmp_path):
     assert _tokens(train, 50) == _tokens(again, 50)
     other, _, _ = build_datasets(make_config(prepared, tmp_path / "c3", blend, "90,10,0", seed=7), (4000, 400, 0))
     assert _tokens(other, 50) != _tokens(train, 50)
+
+
+def _build_on_rank(rank: int, store: str, cfg: Config, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        train, _, _ = build_datasets(cfg, (500, 50, 0))
+        results.put((rank, len(train), _tokens(train, 20)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_build_the_same_blend_through_the_shared_cache(prepared, tmp_path):
+    """megatron-core builds on rank 0, caches, and rank 1 loads after a barrier."""
+    cfg = make_config(prepared, tmp_path / "cache", [(prepared["a"], 1.0), (prepared["b"], 1.0)], "90,10,0")
+    context = multiprocessing.get_context("fork")  # inherits the imports: ~1 s instead of ~10
+    results = context.Queue()
+    ranks = [context.Process(target=_build_on_rank, args=(r, str(tmp_path / "store"), cfg, results)) for r in (0, 1)]
+    for process in ranks:
+        process.start()
+    by_rank = dict((rank, rest) for rank, *rest in (results.get(timeout=120) for _ in ranks))
+    for process in ranks:
+        process.join(timeout=30)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert by_rank[0] == by_rank[1] and by_rank[0][0] == 500
+    assert len(list((tmp_path / "cache").glob("*BlendedDataset-train-dataset_index.npy"))) == 1
 
 
 def test_single_process_group_leaves_an_existing_group_alone(tmp_path):
