@@ -2,7 +2,7 @@
 
     afb-scale train --config configs/quickstart.yaml [section.key=value ...]   (under torchrun)
     afb-scale plan  --config CONFIG --world-size N [overrides]   validate and show the layout
-    afb-scale prepare-data ...                                    see data_prep
+    afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
 
 Bad input ends with one line on stderr, `error: ...`, and exit status 2, before any process
 group starts.
@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import warnings
 
-# megatron-core warns at import that Apex / Transformer Engine are absent; on CPU they are
-# expected to be, and the unfused torch paths are what we test.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TransformerEngine).*")
+# Known, understood noise from megatron-core 0.16.1, silenced so real warnings stand out:
+# Apex / Transformer Engine absent (expected on CPU; the unfused torch paths are what we test),
+# a deprecation inside its own config defaults, and a GPU-only tuning hint.
+for _message in (".*(Apex|Transformer Engine|TransformerEngine).*", "full scope is deprecated.*",
+                 ".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
+    warnings.filterwarnings("ignore", message=_message)
+# TransformerLayer logs "Unknown MLP type" for any MLP that is not megatron's own: ours is
+# AFBMLP on purpose (model/specs.py).
+logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
 
 from afb_scale.config import ConfigError, data_parallel_size, load_config, validate
 
@@ -40,6 +47,13 @@ def cmd_train(args) -> int:
     from afb_scale import train
 
     return train.run(cfg, world_size)
+
+
+def cmd_prepare_data(args) -> int:
+    from data_prep import default_corpus
+    from data_prep.errors import run_command
+
+    return run_command(default_corpus.main, args.args)
 
 
 def cmd_plan(args) -> int:
@@ -68,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (launch one process per rank with torchrun)")
     _with_config_args(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("prepare-data", help="prepare the built-in corpus (data_prep.default_corpus; --help for options)",
+                       add_help=False)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_prepare_data)
     p = sub.add_parser("plan", help="validate a config for a world size and print the layout")
     _with_config_args(p)
     p.add_argument("--world-size", type=int, required=True)

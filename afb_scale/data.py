@@ -212,12 +212,19 @@ def _check_split_documents(prefix: str, split: str, documents: int, num_samples:
             )
 
 
-def build_datasets(
-    cfg: Config, num_samples: tuple[int, int, int]
-) -> tuple[Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset]]:
-    """(train, valid, test) datasets of at least `num_samples` samples each (None for a split
-    with no share in `data.split`). Call on every rank; see the module docstring."""
+def samples_needed(cfg: Config) -> tuple[int, int, int]:
+    """(train, valid, test) samples a run consumes: every step's global batch, and the fixed
+    validation batches evaluated each time."""
+    g = cfg.train.global_batch_size
+    return cfg.train.steps * g, cfg.train.eval_iters * g, 0
+
+
+def check_prepared_data(cfg: Config, num_samples: Optional[tuple[int, int, int]] = None) -> SentencePieceGPTTokenizer:
+    """Every data check that needs no process group: the tokenizer matches the model, each
+    .bin/.idx pair is whole and made with that tokenizer, each needed split has documents.
+    Returns the tokenizer. Raises a one-line ConfigError."""
     data = cfg.data
+    num_samples = num_samples or samples_needed(cfg)
     if not data.datasets:
         raise ConfigError("data.datasets is empty; list prepared datasets (python -m data_prep.default_corpus makes one)")
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
@@ -227,6 +234,16 @@ def build_datasets(
     for entry in data.datasets:
         documents = validate_prepared_dataset(entry.prefix, tokenizer.sha256)
         _check_split_documents(entry.prefix, data.split, documents, num_samples)
+    return tokenizer
+
+
+def build_datasets(
+    cfg: Config, num_samples: tuple[int, int, int]
+) -> tuple[Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset]]:
+    """(train, valid, test) datasets of at least `num_samples` samples each (None for a split
+    with no share in `data.split`). Call on every rank; see the module docstring."""
+    data = cfg.data
+    tokenizer = check_prepared_data(cfg, num_samples)
 
     prefixes = [entry.prefix for entry in data.datasets]
     # One dataset takes megatron-core's unblended path (its weight is meaningless there).

@@ -71,7 +71,7 @@ def run(cfg: Config, world_size: int) -> int:
     rank = dist.get_rank()
     print(f"afb-scale rank {rank}/{world_size} host={socket.gethostname()} "
           f"local_rank={os.environ.get('LOCAL_RANK', 0)}", flush=True)
-    from afb_scale.data import build_datasets
+    from afb_scale.data import build_datasets, samples_needed
 
     preemption = PreemptionFlag()
     run_dir = Path(t.run_dir)
@@ -80,7 +80,7 @@ def run(cfg: Config, world_size: int) -> int:
         dump_config(cfg, run_dir / "config.yaml")
     engine = Engine(cfg, world_size)
     G = t.global_batch_size
-    train_ds, valid_ds, _ = build_datasets(cfg, (t.steps * G, t.eval_iters * G, 0))
+    train_ds, valid_ds, _ = build_datasets(cfg, samples_needed(cfg))
     dp_rank, dp = parallel_state.get_data_parallel_rank(), data_parallel_size(cfg, world_size)
 
     state = checkpoint.load_latest(engine, run_dir) or {}
