@@ -24,7 +24,12 @@ from afb_scale.config import Config, data_parallel_size
 from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
 from afb_scale.model.lm_loss import LMLoss
 from afb_scale.model.pipeline import build_pipeline_model
-from afb_scale.parallel import MegatronMPU, check_topology_agrees, deepspeed_topology
+from afb_scale.parallel import (
+    MegatronMPU,
+    check_topology_agrees,
+    deepspeed_topology,
+    sum_sequence_parallel_grads_over_tp,
+)
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
@@ -158,6 +163,8 @@ class Engine:
             model = GPTWithLoss(gpt, self.loss_fn, cfg.model.seq_length)
             mpu = MegatronMPU()
         model.to(self.device)
+        if p.sequence_parallel:
+            sum_sequence_parallel_grads_over_tp(model)
         optimizer = torch.optim.AdamW(
             param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps
         )

@@ -102,3 +102,26 @@ def check_topology_agrees(topology) -> None:
                 f"rank {rank}: DeepSpeed topology puts it at {axis} rank {ds_rank}, "
                 f"megatron-core at {mcore_rank}; the rank orders disagree"
             )
+
+
+def sum_sequence_parallel_grads_over_tp(module: torch.nn.Module) -> int:
+    """Sum, over the TP group, the gradients of parameters replicated across a sequence-parallel
+    region (norm weights, biases added after a reduce-scatter: megatron marks them
+    `sequence_parallel`). Each TP rank only sees its slice of the sequence, so its gradient is
+    partial; megatron's own loop sums them in finalize_model_grads, which DeepSpeed does not
+    call. A gradient hook does it as each gradient is produced, before any ZeRO stage reduces
+    or partitions it. Returns the number of parameters hooked.
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    if dist.get_world_size(group) == 1:
+        return 0
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    hooked = [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
+    for p in hooked:
+        p.register_hook(all_reduce)
+    return len(hooked)

@@ -43,7 +43,7 @@ def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
     from afb_scale.model.parallel_afb import AFBMLP, megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import gather_full_state, load_full_state
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel import init_distributed, sum_sequence_parallel_grads_over_tp
 
     init_distributed(world, 1)
     model_cfg = ModelConfig(hidden_size=D, num_attention_heads=4, ffn_hidden_size=F_HIDDEN,
@@ -59,6 +59,9 @@ def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
     chunk = SEQ // world
     seq_slice = slice(rank * chunk, (rank + 1) * chunk) if sequence_parallel else slice(None)
     x_local = x[seq_slice].clone().requires_grad_()
+    if sequence_parallel:
+        # Replicated parameters see only their rank's tokens: the engine's hook sums them over TP.
+        assert sum_sequence_parallel_grads_over_tp(mlp) > 0
     out, bias = mlp(x_local)
     if bias is not None:
         out = out + bias
@@ -66,11 +69,6 @@ def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
 
     params = dict(mlp.named_parameters())
     grads = {n: p.grad for n, p in params.items()}
-    # Under sequence parallelism replicated parameters see only their rank's tokens: sum over TP,
-    # as megatron's finalize_model_grads does for parameters marked `sequence_parallel`.
-    for n, p in params.items():
-        if getattr(p, "sequence_parallel", False):
-            dist.all_reduce(grads[n], group=tp_group)
     full_grads = gather_full_state(grads, params, tp_group)
     if sequence_parallel:
         outs = [torch.empty_like(out) for _ in range(world)]

@@ -63,7 +63,9 @@ class TransformerLayerPipe(torch.nn.Module):
         self.register_buffer("mask", causal_attention_mask(model.seq_length), persistent=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out, _ = self.layer(hidden, attention_mask=self.mask[..., : hidden.shape[0], : hidden.shape[0]])
+        # Every sample is model.seq_length long (under sequence parallelism `hidden` holds a
+        # slice of it, and attention gathers the full sequence), so the full mask always fits.
+        out, _ = self.layer(hidden, attention_mask=self.mask)
         return out
 
 
