@@ -3,6 +3,8 @@
     afb-scale train --config configs/quickstart.yaml [section.key=value ...]   (under torchrun)
     afb-scale plan  --config CONFIG --world-size N [overrides]   validate and show the layout
     afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
+    afb-scale sweep --sweep configs/studies/X.yaml [--run | --task-id N]
+    afb-scale report RUN_DIR... --out DIR                         table + PNG plots
 
 Bad input ends with one line on stderr, `error: ...`, and exit status 2, before any process
 group starts.
@@ -56,6 +58,43 @@ def cmd_prepare_data(args) -> int:
     return run_command(default_corpus.main, args.args)
 
 
+def cmd_sweep(args) -> int:
+    import shlex
+
+    from afb_scale.studies import sweep
+
+    runs = sweep.expand(args.sweep)
+    if args.task_id is not None:
+        if not 0 <= args.task_id < len(runs):
+            raise ConfigError(f"--task-id {args.task_id} is out of range; the sweep has {len(runs)} runs (0..{len(runs) - 1})")
+        print(shlex.join(runs[args.task_id].train_args()))
+        return 0
+    sweep.validate_all(runs, args.nproc)
+    for i, run in enumerate(runs):
+        print(f"{i:3d} {run.name}: {shlex.join(run.overrides)}")
+    if not args.run:
+        return 0
+    status = sweep.run_locally(runs, args.nproc)
+    if status == 0:
+        from afb_scale.studies.report import write_report
+
+        run_dirs = [load_config(r.config, r.overrides).train.run_dir for r in runs]
+        print(f"report: {write_report(run_dirs, os.path.join(os.path.dirname(run_dirs[0]), 'report'))}")
+    return status
+
+
+def cmd_report(args) -> int:
+    from afb_scale.studies.report import write_report
+
+    try:
+        path = write_report(args.run_dirs, args.out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    print(path.read_text())
+    print(f"written: {path} (+ PNG plots beside it)")
+    return 0
+
+
 def cmd_plan(args) -> int:
     cfg = _load_validated(args, args.world_size)
     from afb_scale.engine import deepspeed_config
@@ -86,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_prepare_data)
+    p = sub.add_parser("sweep", help="expand a sweep file; --run runs it here, --task-id N prints one run's args")
+    p.add_argument("--sweep", required=True)
+    p.add_argument("--run", action="store_true", help="run every variant with torchrun here, then report")
+    p.add_argument("--nproc", type=int, default=2, help="processes per run (world size)")
+    p.add_argument("--task-id", type=int, help="print the train arguments of run N (Slurm array task)")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("report", help="markdown table and PNG plots comparing runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("plan", help="validate a config for a world size and print the layout")
     _with_config_args(p)
     p.add_argument("--world-size", type=int, required=True)

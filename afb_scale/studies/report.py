@@ -1,0 +1,115 @@
+"""Study reports: a markdown table and PNG plots from the runs' TensorBoard events.
+
+The table holds what a stability comparison needs per run: final and best validation loss,
+token accuracy, gradient-norm coefficient of variation and loss spikes, the largest
+gradient norm, and for AFB runs the last mean gate entropy and bias-correction ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+PLOTS = {
+    "loss.png": ("train/loss", "training loss"),
+    "val_loss.png": ("val/loss", "validation loss"),
+    "grad_norm.png": ("train/grad_norm", "gradient norm"),
+    "gate_entropy.png": ("afb/*/gate_entropy", "mean gate entropy (bits), AFB layers"),
+}
+
+
+def load_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: sorted((e.step, e.value) for e in events.Scalars(tag)) for tag in events.Tags()["scalars"]}
+
+
+def _series(scalars: dict, pattern: str) -> list[tuple[int, float]]:
+    """A tag's series; `afb/*/x` averages layer series step by step."""
+    if "*" not in pattern:
+        return scalars.get(pattern, [])
+    prefix, suffix = pattern.split("*")
+    layers = [v for k, v in scalars.items() if k.startswith(prefix) and k.endswith(suffix)]
+    if not layers:
+        return []
+    by_step: dict[int, list[float]] = {}
+    for series in layers:
+        for step, value in series:
+            by_step.setdefault(step, []).append(value)
+    return sorted((s, statistics.fmean(v)) for s, v in by_step.items())
+
+
+def summarize(run_dir: str | Path) -> dict[str, float | None]:
+    sc = load_scalars(run_dir)
+
+    def last(tag):
+        series = _series(sc, tag)
+        return series[-1][1] if series else None
+
+    val = [v for _, v in sc.get("val/loss", [])]
+    norms = [v for _, v in sc.get("train/grad_norm", [])]
+    return {
+        "final val loss": last("val/loss"),
+        "best val loss": min(val) if val else None,
+        "token accuracy": last("val/token_accuracy"),
+        "grad-norm CV": statistics.pstdev(norms) / statistics.fmean(norms) if len(norms) > 1 else None,
+        "max grad norm": max(norms) if norms else None,
+        "loss spikes": last("stability/loss_spikes"),
+        "gate entropy": last("afb/*/gate_entropy"),
+        "bias-corr. ratio": last("afb/*/bias_correction_ratio"),
+    }
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def markdown_table(summaries: dict[str, dict]) -> str:
+    cols = list(next(iter(summaries.values())))
+    lines = ["| run | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for name, s in summaries.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(s[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {Path(r).name: Path(r) for r in run_dirs}
+    missing = [str(p) for p in runs.values() if not (p / "tensorboard").is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no TensorBoard events under {', '.join(missing)}")
+    scalars = {name: load_scalars(path) for name, path in runs.items()}
+    summaries = {name: summarize(path) for name, path in runs.items()}
+    for filename, (tag, title) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(7, 4))
+        drawn = 0
+        for name, sc in scalars.items():
+            series = _series(sc, tag)
+            if series:
+                ax.plot(*zip(*series), label=name, linewidth=1.2)
+                drawn += 1
+        if drawn:
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            if tag == "train/grad_norm":
+                ax.set_yscale("log")
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(out / filename, dpi=120)
+        plt.close(fig)
+    report = out / "report.md"
+    plots = "\n".join(f"![{t}]({f})" for f, (_, t) in PLOTS.items() if (out / f).exists())
+    report.write_text(f"# Study report\n\n{markdown_table(summaries)}\n\n{plots}\n")
+    return report

@@ -1,0 +1,88 @@
+"""Sweeps: a base config and axes of overrides, expanded into named runs.
+
+A sweep file (configs/studies/*.yaml):
+
+    base: ../quickstart.yaml           # a run config, relative to this file
+    run_root: runs/stability-tiny      # each run goes to <run_root>/<name>
+    overrides: [train.steps=200]       # applied to every run
+    axes:                              # the cross product of these
+      model.ffn_kind: [gelu, afb-gelu]
+      train.lr: [3.0e-3, 1.0e-2]
+
+The same expansion serves a local sequential runner (`afb-scale sweep --run`) and Slurm array
+jobs (`afb-scale sweep --task-id $SLURM_ARRAY_TASK_ID` prints that task's arguments).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from afb_scale.config import ConfigError, load_config, validate
+
+
+@dataclass
+class SweepRun:
+    name: str
+    config: str
+    overrides: list[str]
+
+    def train_args(self) -> list[str]:
+        return ["--config", self.config, *self.overrides]
+
+
+def _slug(value) -> str:
+    return str(value).replace("/", "-").replace(" ", "")
+
+
+def expand(sweep_path: str | os.PathLike) -> list[SweepRun]:
+    path = Path(sweep_path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {str(path)!r} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"base", "run_root", "overrides", "axes"}
+    if unknown:
+        raise ConfigError(f"unknown sweep key(s) {sorted(unknown)}; allowed: base, run_root, overrides, axes")
+    if "base" not in spec or "run_root" not in spec:
+        raise ConfigError(f"sweep file {str(path)!r} needs 'base' and 'run_root'")
+    base = str((path.parent / spec["base"]).resolve())
+    axes = spec.get("axes") or {}
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep axis {key!r} must be a non-empty list, not {values!r}")
+    runs = []
+    for combo in itertools.product(*axes.values()) if axes else [()]:
+        name = "_".join(f"{k.split('.')[-1]}={_slug(v)}" for k, v in zip(axes, combo)) or "run"
+        overrides = list(spec.get("overrides") or []) + [f"{k}={v}" for k, v in zip(axes, combo)]
+        overrides.append(f"train.run_dir={spec['run_root']}/{name}")
+        runs.append(SweepRun(name, base, overrides))
+    return runs
+
+
+def validate_all(runs: list[SweepRun], world_size: int) -> None:
+    """Every run's config, checked before the first one starts."""
+    for run in runs:
+        try:
+            validate(load_config(run.config, run.overrides), world_size)
+        except ConfigError as e:
+            raise ConfigError(f"sweep run {run.name}: {e}") from None
+
+
+def run_locally(runs: list[SweepRun], nproc: int) -> int:
+    """Run each variant in turn with torchrun on this machine; stop at the first failure."""
+    for i, run in enumerate(runs, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "afb_scale.cli", "train", *run.train_args()]
+        print(f"[sweep {i}/{len(runs)}] {run.name}: {shlex.join(cmd)}", flush=True)
+        status = subprocess.run(cmd).returncode
+        if status != 0:
+            print(f"[sweep] {run.name} exited with {status}; stopping", file=sys.stderr)
+            return status
+    return 0
