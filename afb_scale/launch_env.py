@@ -12,5 +12,3 @@ REQUEUE_EXIT_CODE = 75
 # The signal the Slurm scripts use for "checkpoint and exit for requeue" (`--signal=B:USR1@N`).
 PREEMPT_SIGNAL = "SIGUSR1"
 
-# Environment variables the launchers set and the trainer may read.
-ENV_RUN_DIR = "AFB_RUN_DIR"
