@@ -3,6 +3,7 @@
     afb-scale train --config configs/quickstart.yaml [section.key=value ...]   (under torchrun)
     afb-scale plan  --config CONFIG --world-size N [overrides]   validate and show the layout
     afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
+    afb-scale submit configs/cluster/example.yaml [--dry-run]   Slurm batch script (launch/)
     afb-scale sweep --sweep configs/studies/X.yaml [--run | --task-id N]
     afb-scale report RUN_DIR... --out DIR                         table + PNG plots
 
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_prepare_data)
+    sub.add_parser("submit", help="render a Slurm batch script from configs/cluster/*.yaml and sbatch it (submit --help)")
     p = sub.add_parser("sweep", help="expand a sweep file; --run runs it here, --task-id N prints one run's args")
     p.add_argument("--sweep", required=True)
     p.add_argument("--run", action="store_true", help="run every variant with torchrun here, then report")
@@ -143,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:  # its own parser, with its own config type (afb_scale/submit.py)
+        from afb_scale.submit import main as submit_main
+
+        return submit_main(argv[1:])
     args = build_parser().parse_args(argv)
     import torch
 

@@ -103,7 +103,7 @@ class ClusterJobConfig:
     run_root: str = "runs"
     # Append train.run_dir=<run_root>/<job_name>-<job id> to the command.
     append_run_dir: bool = True
-    command: list[str] = field(default_factory=lambda: ["afb-scale", "train", "--config", "configs/tiny-cpu.yaml"])
+    command: list[str] = field(default_factory=lambda: ["afb-scale", "train", "--config", "configs/quickstart.yaml"])
     # A sweep: one list of config overrides per array task (e.g. [["train.lr=1e-3"], ...]).
     sweep: list[list[str]] = field(default_factory=list)
     # Most array tasks running at once (the %N of --array); None: no limit.

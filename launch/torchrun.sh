@@ -2,7 +2,7 @@
 # Start one torchrun agent on this node and run COMMAND in every worker it spawns.
 #
 #   launch/torchrun.sh COMMAND [ARGS...]
-#   e.g. launch/torchrun.sh afb-scale train --config configs/tiny-cpu.yaml
+#   e.g. launch/torchrun.sh afb-scale train --config configs/quickstart.yaml
 #        NNODES=2 NODE_RANK=1 MASTER_ADDR=node1 launch/torchrun.sh afb-scale train --config ...
 #
 # The command is run as is (torchrun --no-python), so `afb-scale train ...` and

@@ -1,8 +1,7 @@
 """The project's batch scripts on a real two-node Slurm (slurmctld + slurmd node1/node2 here).
 
 Needs slurm-wlm and munge (launch/ci/install_slurm.sh) and root. Without them the tests skip,
-unless AFB_REQUIRE_SLURM=1 (CI), where they fail. The training jobs also need `afb-scale train`
-and configs/tiny-cpu.yaml and skip until those exist. The daemons are stopped at the end of the
+unless AFB_REQUIRE_SLURM=1 (CI), where they fail. The daemons are stopped at the end of the
 module, pass or fail.
 """
 

@@ -133,7 +133,7 @@ def test_torchrun_layout_one_task_per_node():
         assert want in opts, (want, opts)
     assert "AFB_LAUNCHER=torchrun" in script
     assert "AFB_NPROC_PER_NODE=8" in script
-    assert "AFB_TRAIN_CMD=(afb-scale train --config configs/tiny-cpu.yaml)" in script
+    assert "AFB_TRAIN_CMD=(afb-scale train --config configs/experiments/125m-afb-gelu.yaml)" in script
     # The body that runs: one srun task per node starting torchrun.sh, master from the allocation.
     assert 'STEP=(srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1' in script
     assert 'bash "$AFB_REPO/launch/torchrun.sh" "${CMD[@]}"' in script
