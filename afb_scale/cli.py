@@ -4,7 +4,7 @@
     afb-scale plan  --config CONFIG --world-size N [overrides]   validate and show the layout
     afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
     afb-scale submit configs/cluster/example.yaml [--dry-run]   Slurm batch script (launch/)
-    afb-scale sweep --sweep configs/studies/X.yaml [--run | --task-id N]
+    afb-scale sweep --sweep configs/studies/X.yaml [--run | --submit CLUSTER_YAML]
     afb-scale report RUN_DIR... --out DIR                         table + PNG plots
 
 Bad input ends with one line on stderr, `error: ...`, and exit status 2, before any process
@@ -65,22 +65,19 @@ def cmd_sweep(args) -> int:
     from afb_scale.studies import sweep
 
     runs = sweep.expand(args.sweep)
-    if args.task_id is not None:
-        if not 0 <= args.task_id < len(runs):
-            raise ConfigError(f"--task-id {args.task_id} is out of range; the sweep has {len(runs)} runs (0..{len(runs) - 1})")
-        print(shlex.join(runs[args.task_id].train_args()))
-        return 0
+    if args.submit:
+        return sweep.submit_array(runs, args.submit, args.dry_run)
     sweep.validate_all(runs, args.nproc)
     for i, run in enumerate(runs):
-        print(f"{i:3d} {run.name}: {shlex.join(run.overrides)}")
+        print(f"{i:3d} {run.name}: {shlex.join(run.train_args()[2:])}")
     if not args.run:
         return 0
     status = sweep.run_locally(runs, args.nproc)
     if status == 0:
         from afb_scale.studies.report import write_report
 
-        run_dirs = [load_config(r.config, r.overrides).train.run_dir for r in runs]
-        print(f"report: {write_report(run_dirs, os.path.join(os.path.dirname(run_dirs[0]), 'report'))}")
+        report = write_report([r.run_dir for r in runs], os.path.join(os.path.dirname(runs[0].run_dir), "report"))
+        print(f"report: {report}")
     return status
 
 
@@ -127,11 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_prepare_data)
     sub.add_parser("submit", help="render a Slurm batch script from configs/cluster/*.yaml and sbatch it (submit --help)")
-    p = sub.add_parser("sweep", help="expand a sweep file; --run runs it here, --task-id N prints one run's args")
+    p = sub.add_parser("sweep", help="expand a sweep file; --run runs it here, --submit as a Slurm array job")
     p.add_argument("--sweep", required=True)
     p.add_argument("--run", action="store_true", help="run every variant with torchrun here, then report")
-    p.add_argument("--nproc", type=int, default=2, help="processes per run (world size)")
-    p.add_argument("--task-id", type=int, help="print the train arguments of run N (Slurm array task)")
+    p.add_argument("--nproc", type=int, default=2, help="processes per run (world size) with --run")
+    p.add_argument("--submit", metavar="CLUSTER_YAML", help="submit one array job, a task per run")
+    p.add_argument("--dry-run", action="store_true", help="with --submit: print the batch script only")
     p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("report", help="markdown table and PNG plots comparing runs")
     p.add_argument("run_dirs", nargs="+")

@@ -20,8 +20,8 @@ def test_sweep_expands_the_cross_product(tmp_path):
     runs = expand(sweep)
     assert len(runs) == 6
     assert runs[0].name == "ffn_kind=gelu_lr=0.001"
-    assert runs[-1].overrides == ["train.steps=5", "model.ffn_kind=afb-gelu", "train.lr=0.004",
-                                  "train.run_dir=runs/x/ffn_kind=afb-gelu_lr=0.004"]
+    assert runs[-1].overrides == ["train.steps=5", "model.ffn_kind=afb-gelu", "train.lr=0.004"]
+    assert runs[-1].run_dir == "runs/x/ffn_kind=afb-gelu_lr=0.004"
     assert len({r.name for r in runs}) == 6
 
 
@@ -64,3 +64,15 @@ def test_report_table_and_plots(tmp_path):
     for png in ("loss.png", "val_loss.png", "grad_norm.png", "gate_entropy.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_sweep_submits_one_array_job(capsys):
+    root = cli.__file__.replace("afb_scale/cli.py", "")
+    status = cli.main(["sweep", "--sweep", root + "configs/studies/stability-tiny.yaml",
+                       "--submit", root + "configs/cluster/local-cpu.yaml", "--dry-run"])
+    script = capsys.readouterr().out
+    assert status == 0
+    assert "#SBATCH --array=0-3" in script
+    # Each task's overrides, and the base config as the command.
+    assert "model.ffn_kind=afb-gelu" in script and "train.lr=0.012" in script
+    assert "configs/quickstart.yaml" in script

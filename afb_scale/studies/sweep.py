@@ -9,13 +9,15 @@ A sweep file (configs/studies/*.yaml):
       model.ffn_kind: [gelu, afb-gelu]
       train.lr: [3.0e-3, 1.0e-2]
 
-The same expansion serves a local sequential runner (`afb-scale sweep --run`) and Slurm array
-jobs (`afb-scale sweep --task-id $SLURM_ARRAY_TASK_ID` prints that task's arguments).
+The same expansion serves a local sequential runner (`afb-scale sweep --run`) and a Slurm
+array job, one task per run (`afb-scale sweep --submit configs/cluster/X.yaml`, through
+afb_scale/submit.py, which gives each array task its own run directory).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shlex
 import subprocess
@@ -32,10 +34,11 @@ from afb_scale.config import ConfigError, load_config, validate
 class SweepRun:
     name: str
     config: str
-    overrides: list[str]
+    overrides: list[str]  # without the run directory, which a Slurm array job sets per task
+    run_dir: str
 
     def train_args(self) -> list[str]:
-        return ["--config", self.config, *self.overrides]
+        return ["--config", self.config, *self.overrides, f"train.run_dir={self.run_dir}"]
 
 
 def _slug(value) -> str:
@@ -61,8 +64,7 @@ def expand(sweep_path: str | os.PathLike) -> list[SweepRun]:
     for combo in itertools.product(*axes.values()) if axes else [()]:
         name = "_".join(f"{k.split('.')[-1]}={_slug(v)}" for k, v in zip(axes, combo)) or "run"
         overrides = list(spec.get("overrides") or []) + [f"{k}={v}" for k, v in zip(axes, combo)]
-        overrides.append(f"train.run_dir={spec['run_root']}/{name}")
-        runs.append(SweepRun(name, base, overrides))
+        runs.append(SweepRun(name, base, overrides, f"{spec['run_root']}/{name}"))
     return runs
 
 
@@ -70,7 +72,7 @@ def validate_all(runs: list[SweepRun], world_size: int) -> None:
     """Every run's config, checked before the first one starts."""
     for run in runs:
         try:
-            validate(load_config(run.config, run.overrides), world_size)
+            validate(load_config(run.config, run.train_args()[2:]), world_size)
         except ConfigError as e:
             raise ConfigError(f"sweep run {run.name}: {e}") from None
 
@@ -86,3 +88,14 @@ def run_locally(runs: list[SweepRun], nproc: int) -> int:
             print(f"[sweep] {run.name} exited with {status}; stopping", file=sys.stderr)
             return status
     return 0
+
+
+def submit_array(runs: list[SweepRun], cluster_config: str, dry_run: bool) -> int:
+    """One Slurm array job, a task per run, rendered by afb-scale submit."""
+    from afb_scale import submit
+
+    job = submit.load_job(cluster_config)
+    validate_all(runs, job.nodes * submit.nproc_per_node(job))
+    argv = [cluster_config, "sweep=" + json.dumps([r.overrides for r in runs]),
+            "command=" + json.dumps(["afb-scale", "train", "--config", runs[0].config])]
+    return submit.main(argv + (["--dry-run"] if dry_run else []))
