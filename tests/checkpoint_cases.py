@@ -8,10 +8,14 @@ dropout is on so that a resume which forgot the RNG states would show in the los
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +35,39 @@ def prepare_corpus(root: Path) -> dict:
     train_tokenizer(small, root / "tok", vocab_size=512)
     tokenize_to_indexed_dataset(small, root / "tok.model", root / "text", progress=False)
     return {"tokenizer": root / "tok.model", "prefix": root / "text", "cache": root / "cache"}
+
+
+LAYOUTS = {
+    "dp2-zero1": (2, {"parallel.tensor": 1, "parallel.pipeline": 1, "parallel.zero_stage": 1}),
+    "dp2-zero3": (2, {"parallel.tensor": 1, "parallel.pipeline": 1, "parallel.zero_stage": 3}),
+    "tp2-pp2": (4, {"parallel.tensor": 2, "parallel.pipeline": 2, "parallel.zero_stage": 1}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def scratch() -> Path:
+    """One temporary directory for the whole session: the corpus and the reference runs are
+    shared by the checkpoint test modules (each costs seconds of CPU to make)."""
+    root = Path(tempfile.mkdtemp(prefix="afb_ckpt_tests_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@functools.lru_cache(maxsize=None)
+def corpus() -> dict:
+    root = scratch() / "corpus"
+    root.mkdir()
+    return prepare_corpus(root)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run(layout: str) -> Path:
+    """An uninterrupted run of the layout to the end (checkpoints every 3 steps, keep 2)."""
+    nproc, parallel = LAYOUTS[layout]
+    run_dir = scratch() / f"reference-{layout}"
+    result = torchrun(nproc, overrides(corpus(), run_dir, **parallel))
+    assert result.returncode == 0 and f"training finished: {STEPS} steps" in result.stdout, result.stdout[-4000:]
+    return run_dir
 
 
 def overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
