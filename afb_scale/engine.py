@@ -152,6 +152,8 @@ def _skip_non_finite_fp32_steps(engine) -> None:
             return None
         return inner_step(*args, **kwargs)
 
+    # The LR scheduler wrapped the original step to check call order; this wraps that wrapper.
+    step._wrapped_by_lr_sched = True
     opt.step = step
 
 
