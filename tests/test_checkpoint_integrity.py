@@ -110,3 +110,25 @@ def test_retention_keeps_the_newest_complete_and_drops_abandoned_saves(tmp_path)
     checkpoint._apply_retention(ckpt, keep=2, current_step=9)
     # 3 is beyond the newest two, 7 an abandoned save older than 9; 12 (newer) is left alone.
     assert sorted(p.name for p in ckpt.iterdir()) == ["step00000006", "step00000009", "step00000012"]
+
+
+def test_the_newest_complete_checkpoint_wins_whatever_latest_says(run_copy):
+    # A kill between writing COMPLETE and replacing `latest` leaves `latest` one behind.
+    from afb_scale import checkpoint
+
+    (run_copy / "checkpoints" / "latest").write_text(PREVIOUS)
+    assert checkpoint.find_complete(run_copy)[0].name == NEWEST
+    (run_copy / "checkpoints" / "latest").unlink()
+    assert checkpoint.find_complete(run_copy)[0].name == NEWEST
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints=-1 must be >= 0"),
+    ("train.max_bad_steps=0", "train.max_bad_steps=0 must be >= 1"),
+    ("train.save_interval=0", "train.save_interval=0 must be >= 1"),
+])
+def test_checkpoint_settings_are_validated(override, message):
+    from afb_scale.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, [override, "train.warmup_steps=0"]), 1, cuda_available=False)

@@ -7,11 +7,13 @@ disk, its COMPLETE marker not -- and (3) resumed to the end. Every step's loss, 
 LR and consumed-samples counter, and the final validation loss, must be identical to the
 reference (exact float equality on CPU, fp32, dropout on). The half-written checkpoint must be
 reported as skipped. Kill points come from a seeded RNG, so CI is reproducible; the module
-prints how many kill points were tried and how many resumed bit-exactly.
+prints how many kill points were tried and how many resumed bit-exactly. Another seed
+(AFB_TEST_KILL_SEED=1, 2, ...) draws other kill points.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -31,7 +33,7 @@ def check(result, *, status: int, contains: str = ""):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_killed_runs_resume_bit_exactly(layout, tmp_path):
     nproc, parallel = LAYOUTS[layout]
-    rng = random.Random(f"kill-points-{layout}")
+    rng = random.Random(f"kill-points-{layout}-{os.environ.get('AFB_TEST_KILL_SEED', '0')}")
     kill_step = rng.randint(2, STEPS - 2)  # a step after which the run crashes
     resumed_from = kill_step // SAVE_INTERVAL * SAVE_INTERVAL
     kill_save = rng.choice(range(resumed_from + SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL))
