@@ -23,13 +23,11 @@ everything bit-exactly through DeepSpeed's files (checkpoint.py).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from afb_scale.model.tp_layout import gather_full_tensor, partition_of, shard_full_tensor
 
@@ -152,14 +150,3 @@ def load_into_module(module: torch.nn.Module, full: dict[str, torch.Tensor], num
         if src.shape != p.shape:
             raise ValueError(f"{name} ({canon}): consolidated {tuple(full[canon].shape)} does not fit {tuple(p.shape)}")
         p.copy_(src.to(p.dtype))
-
-
-def broadcast_object(obj, src: int = 0):
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-@contextlib.contextmanager
-def _nothing():
-    yield
