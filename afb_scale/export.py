@@ -66,7 +66,7 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
     if out.exists() and not overwrite:
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
     cfg = load_config(tag_dir / "config.yaml")
-    state = read_consolidated(tag_dir)
+    state = dict(read_consolidated(tag_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -186,6 +186,8 @@ def cmd_export(args) -> int:
     info = json.loads((out / "export.json").read_text())
     print(f"exported step {info['step']} of {info['source_checkpoint']} to {out} "
           f"({info['parameters']:,} parameters, fp32)")
+    if info["tokenizer"] is None:
+        print("warning: the run's tokenizer file was not found from this directory; export.json has no tokenizer")
     if args.eval:
         model, cfg = load_exported(out)
         print(f"validation loss {validation_loss(model, cfg):.6f} (exported model, one process, no DeepSpeed)")

@@ -40,7 +40,7 @@ class PreemptionFlag:
 
     def received_name(self) -> str:
         if self.received is None:
-            return "none"
+            return "on another rank"
         name = signal.Signals(self.received).name
         return name if self.count == 1 else f"{name} (and {self.count - 1} more)"
 

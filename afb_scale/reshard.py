@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -117,17 +118,41 @@ def save_consolidated(engine, tag_dir: Path) -> None:
         os.replace(tmp, path)
 
 
-def read_consolidated(tag_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All stages' full tensors of a checkpoint, merged, by canonical name."""
-    from safetensors.torch import load_file
+class ConsolidatedState(Mapping):
+    """A checkpoint's full tensors by canonical name, read from disk only when asked for.
 
-    files = sorted((Path(tag_dir) / CONSOLIDATED_DIR).glob("model-stage*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{tag_dir} has no consolidated model (train.save_consolidated was false)")
-    full: dict[str, torch.Tensor] = {}
-    for f in files:
-        full.update(load_file(str(f)))
-    return full
+    Every rank of a resharded resume opens the same files but reads only the tensors of its
+    own pipeline stage (a 1.3B model is ~5 GB in fp32; eight ranks per node need not hold it
+    eight times).
+    """
+
+    def __init__(self, tag_dir: str | Path):
+        from safetensors import safe_open
+
+        self.files = sorted((Path(tag_dir) / CONSOLIDATED_DIR).glob("model-stage*.safetensors"))
+        if not self.files:
+            raise FileNotFoundError(f"{tag_dir} has no consolidated model (train.save_consolidated was false)")
+        self._where: dict[str, Path] = {}
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as h:
+                self._where.update((k, f) for k in h.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as h:
+            return h.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def read_consolidated(tag_dir: str | Path) -> ConsolidatedState:
+    """All stages' full tensors of a checkpoint, merged, by canonical name (read lazily)."""
+    return ConsolidatedState(tag_dir)
 
 
 @torch.no_grad()

@@ -34,8 +34,8 @@ def check(result, *, status: int, contains: str = ""):
 def test_killed_runs_resume_bit_exactly(layout, tmp_path):
     nproc, parallel = LAYOUTS[layout]
     rng = random.Random(f"kill-points-{layout}-{os.environ.get('AFB_TEST_KILL_SEED', '0')}")
-    kill_step = rng.randint(2, STEPS - 2)  # a step after which the run crashes
-    resumed_from = kill_step // SAVE_INTERVAL * SAVE_INTERVAL
+    kill_step = rng.randint(2, STEPS - 2)  # a step after which the run crashes (before its save)
+    resumed_from = (kill_step - 1) // SAVE_INTERVAL * SAVE_INTERVAL
     kill_save = rng.choice(range(resumed_from + SAVE_INTERVAL, STEPS + 1, SAVE_INTERVAL))
 
     ref_dir, run_dir = reference_run(layout), tmp_path / "run"
