@@ -1,13 +1,56 @@
-"""Saving and resuming runs through DeepSpeed's own checkpoints.
+"""Checkpoints that never lose work: atomic saves, verified loads, bit-exact resume, retention.
 
-DeepSpeed writes every rank's model, optimizer and ZeRO partitions plus the LR scheduler and the
-loss scaler under `<run_dir>/checkpoints/<tag>/` and a `latest` pointer; we add a client state
-with the step and the number of consumed samples, from which the data order continues.
+Layout of `<run_dir>/checkpoints/`:
+
+    step00000300/                       one checkpoint (tag = step number)
+        mp_rank_*_model_states.pt ...   DeepSpeed's files: model, optimizer and ZeRO partitions,
+        zero_pp_rank_*_optim_states.pt  LR scheduler, loss scaler, our client state
+        rng/rank00000.pt ...            every rank's python / numpy / torch (/ CUDA) RNG states
+        consolidated/model-stage*.safetensors   the model in full fp32 tensors (reshard.py)
+        config.yaml                     the run's config
+        COMPLETE                        written last: JSON with every file's size and sha256
+    latest                              the newest complete tag, replaced atomically after COMPLETE
+
+A save (collective, `save`): rank 0 clears any leftover directory of the same tag; every rank
+writes its DeepSpeed files and RNG state; the consolidated model is gathered and written; then,
+after a barrier, the ranks checksum the files between them (each file is read once, by one
+rank, and fsync'd), rank 0 writes COMPLETE (tmp file + fsync + rename) and only then replaces
+`latest`, and deletes checkpoints beyond `train.keep_checkpoints`. A process killed at any
+moment leaves either a complete checkpoint or a directory without COMPLETE.
+
+A load (collective, `load_latest`) trusts nothing: it walks the tags newest first, checks the
+marker, every listed file's presence, size and sha256 (hashing spread over the ranks), and
+skips a bad one with one line, `skipping checkpoint <tag>: <reason>`, in favour of the next
+older. In the layout that wrote it the checkpoint is restored through DeepSpeed's own loader
+plus the RNG states: the run continues bit for bit. In another TP/PP/DP/ZeRO layout the model
+is loaded from the consolidated tensors (see reshard.py: optimizer moments restart).
+
+The data order is a pure function of `consumed_samples` (train.rank_micro_batches), which the
+client state carries, so a resumed run neither repeats nor skips a sample.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
 from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from afb_scale import testing_hooks
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+FORMAT = 1
+_TAG = re.compile(r"^step(\d{8})$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -18,19 +61,303 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, run_dir: str | Path, step: int, consumed_samples: int, extra: dict | None = None) -> Path:
-    """Collective: every rank calls it."""
-    state = {"step": step, "consumed_samples": consumed_samples, **(extra or {})}
-    engine.engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag_for(step), client_state=state)
-    return checkpoint_dir(run_dir) / tag_for(step)
+def _print0(text: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, flush=True)
 
 
-def load_latest(engine, run_dir: str | Path) -> dict | None:
-    """Client state of the latest checkpoint after loading it, or None for a fresh run."""
-    ckpt = checkpoint_dir(run_dir)
-    if not (ckpt / "latest").is_file():
-        return None
-    path, state = engine.engine.load_checkpoint(str(ckpt))
-    if path is None:
-        raise RuntimeError(f"checkpoint named by {ckpt / 'latest'} could not be loaded")
+# ----------------------------------------------------------------------------------------------
+# Files: atomic writes, checksums
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename over `path`, fsync the directory: `path` is old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def describe_file(path: Path) -> dict:
+    """Size and sha256 of a file; also fsyncs it, so what was hashed is what is on disk."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _list_files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                  if p.is_file() and p.name != MARKER and not p.name.startswith("."))
+
+
+def _shared(obj, src: int = 0):
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _gathered(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout and RNG
+
+
+def layout_of(cfg, world_size: int) -> dict:
+    """What DeepSpeed's files are tied to: a different layout loads through the consolidated model."""
+    from afb_scale.config import data_parallel_size
+
+    p = cfg.parallel
+    return {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline,
+            "data": data_parallel_size(cfg, world_size), "zero_stage": p.zero_stage,
+            "precision": cfg.train.precision}
+
+
+def _layout_text(layout: dict) -> str:
+    return (f"TP={layout['tensor']} PP={layout['pipeline']} DP={layout['data']} "
+            f"ZeRO={layout['zero_stage']} {layout['precision']}")
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+        from megatron.core import tensor_parallel
+
+        state["megatron_cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_cuda_tracker"])
+
+
+def _rng_path(tag_dir: Path, rank: int) -> Path:
+    return tag_dir / "rng" / f"rank{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+
+
+def save(engine, run_dir: str | Path, step: int, consumed_samples: int, extra: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory once it is complete."""
+    cfg = engine.cfg
+    ckpt, tag = checkpoint_dir(run_dir), tag_for(step)
+    tag_dir = ckpt / tag
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _print0(f"saving checkpoint {tag_dir}")
+    if rank == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a save of this step that never completed, or an older attempt's
+            shutil.rmtree(tag_dir)
+    dist.barrier()
+    state = {"step": step, "consumed_samples": consumed_samples, **(extra or {})}
+    engine.engine.save_checkpoint(str(ckpt), tag=tag, client_state=state, save_latest=False)
+    rng_file = _rng_path(tag_dir, rank)
+    rng_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), rng_file)
+    if cfg.train.save_consolidated:
+        from afb_scale.reshard import save_consolidated
+
+        save_consolidated(engine, tag_dir)
+    if rank == 0:
+        from afb_scale.config import dump_config
+
+        dump_config(cfg, tag_dir / "config.yaml")
+    testing_hooks.save_delay()
+    testing_hooks.kill_point("save", step)
+    dist.barrier()  # every rank's files are written
+
+    files = _shared(_list_files(tag_dir) if rank == 0 else None)
+    mine = {name: describe_file(tag_dir / name) for name in files[rank::world]}
+    described = {k: v for part in _gathered(mine) for k, v in part.items()}
+    if rank == 0:
+        marker = {
+            "format": FORMAT, "tag": tag, "step": step, "consumed_samples": consumed_samples,
+            "layout": layout_of(cfg, world), "consolidated": cfg.train.save_consolidated,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": {name: described[name] for name in files},
+        }
+        write_atomic(tag_dir / MARKER, json.dumps(marker, indent=1).encode())
+        write_atomic(ckpt / LATEST, tag.encode())
+        _apply_retention(ckpt, cfg.train.keep_checkpoints, step)
+    dist.barrier()  # nobody moves on (or exits) before the marker and `latest` exist
+    return tag_dir
+
+
+def _tags(ckpt: Path) -> list[tuple[int, str]]:
+    """(step, tag) of every checkpoint directory, newest first."""
+    if not ckpt.is_dir():
+        return []
+    out = [(int(m.group(1)), p.name) for p in ckpt.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(out, reverse=True)
+
+
+def _apply_retention(ckpt: Path, keep: int, current_step: int) -> None:
+    """Keep the newest `keep` marked checkpoints (0: all); drop unmarked leftovers older than
+    the one just completed (saves that never finished; a newer unmarked directory is left alone)."""
+    marked = 0
+    for step, tag in _tags(ckpt):
+        path = ckpt / tag
+        if (path / MARKER).is_file():
+            marked += 1
+            if keep and marked > keep:
+                shutil.rmtree(path, ignore_errors=True)
+        elif step < current_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Verify and load
+
+
+def _read_marker(tag_dir: Path) -> tuple[Optional[dict], str]:
+    path = tag_dir / MARKER
+    if not path.is_file():
+        return None, f"no {MARKER} marker (the save did not finish)"
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"{MARKER} marker is unreadable ({type(e).__name__})"
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("files"), dict) \
+            or marker.get("tag") != tag_dir.name or not {"step", "consumed_samples", "layout"} <= set(marker):
+        return None, f"{MARKER} marker is not a format-{FORMAT} marker for {tag_dir.name}"
+    return marker, ""
+
+
+def _check_sizes(tag_dir: Path, marker: dict) -> str:
+    for name, info in marker["files"].items():
+        path = tag_dir / name
+        if not path.is_file():
+            return f"missing file {name}"
+        size = path.stat().st_size
+        if size != info["size"]:
+            return f"{name} has {size} bytes, {MARKER} says {info['size']} (truncated or overwritten)"
+    return ""
+
+
+def verify(tag_dir: Path, rank: int = 0, world: int = 1) -> tuple[Optional[dict], str]:
+    """(marker, "") if the checkpoint is whole, else (None, reason). With world > 1 this rank
+    checksums only its share of the files (the caller gathers the reasons)."""
+    marker, reason = _read_marker(tag_dir)
+    if marker is None:
+        return None, reason
+    reason = _check_sizes(tag_dir, marker)
+    if reason:
+        return None, reason
+    for name in sorted(marker["files"])[rank::world]:
+        if describe_file(tag_dir / name)["sha256"] != marker["files"][name]["sha256"]:
+            return None, f"checksum mismatch in {name}"
+    return marker, ""
+
+
+def find_complete(run_dir: str | Path, announce=_print0) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint that verifies, as (directory, marker); None if there is none.
+
+    Collective when torch.distributed is initialised (ranks share the checksum work); also works
+    in a single process without it (export). Raises if checkpoints exist but every one with a
+    marker is corrupt: starting from scratch then would silently throw the run away.
+    """
+    distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    ckpt = checkpoint_dir(run_dir)
+    tags = _shared([t for _, t in _tags(ckpt)]) if distributed else [t for _, t in _tags(ckpt)]
+    rejected_marked = []
+    for tag in tags:
+        marker, reason = verify(ckpt / tag, rank, world)
+        reasons = [r for r in (_gathered(reason) if distributed else [reason]) if r]
+        if not reasons:
+            return ckpt / tag, (_shared(marker) if distributed else marker)
+        announce(f"skipping checkpoint {tag}: {reasons[0]}")
+        if (ckpt / tag / MARKER).is_file():
+            rejected_marked.append(tag)
+    if rejected_marked:
+        raise RuntimeError(
+            f"no loadable checkpoint in {ckpt}: {', '.join(rejected_marked)} failed verification; "
+            "move them away to start the run from scratch")
+    return None
+
+
+def resume_plan(cfg, world_size: int, run_dir: str | Path) -> Optional[dict]:
+    """Collective, before the engine is built: which checkpoint to resume from and how.
+
+    Returns None for a fresh run, else {"dir", "marker", "same_layout"}; for another layout also
+    "weights", the consolidated model to build the engine from (reshard.py).
+    """
+    found = find_complete(run_dir)
+    if found is None:
+        return None
+    tag_dir, marker = found
+    same = marker["layout"] == layout_of(cfg, world_size)
+    plan = {"dir": tag_dir, "marker": marker, "same_layout": same}
+    if not same:
+        if not marker.get("consolidated"):
+            raise RuntimeError(
+                f"checkpoint {tag_dir} was saved at {_layout_text(marker['layout'])} without a consolidated "
+                f"model (train.save_consolidated=false); resume it at that layout")
+        from afb_scale.reshard import read_consolidated
+
+        plan["weights"] = read_consolidated(tag_dir)
+    return plan
+
+
+def load(engine, plan: dict) -> dict:
+    """Collective: restore what `resume_plan` chose into an engine built for it. Returns the
+    client state (step, consumed_samples, ...) with the RNG states under "rng", which the
+    caller applies (`set_rng_state`) right before its next training step."""
+    tag_dir, marker = plan["dir"], plan["marker"]
+    world = dist.get_world_size()
+    if plan["same_layout"]:
+        path, state = engine.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
+        state = dict(state or {})
+        state["rng"] = torch.load(_rng_path(tag_dir, dist.get_rank()), weights_only=False)
+        _print0(f"resuming from {tag_dir} at step {state['step']} (optimizer, LR schedule, data position, RNG restored)")
+        return state
+    # Another layout: the weights went into the engine at construction. The step and data
+    # position carry over; the LR schedule is a function of the step; Adam's moments restart.
+    step = marker["step"]
+    engine.engine.global_steps = step
+    engine.engine.global_samples = marker["consumed_samples"]
+    sched = engine.scheduler
+    sched.last_epoch = step - 1
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched.step()  # sets the optimizer's LR for `step`, as an uninterrupted run has it
+    _print0(f"resharding checkpoint {tag_dir} saved at {_layout_text(marker['layout'])} into "
+            f"{_layout_text(layout_of(engine.cfg, world))}: weights, step {step} and data position loaded; "
+            "optimizer moments restart (warm start)")
+    return {"step": step, "consumed_samples": marker["consumed_samples"]}

@@ -111,6 +111,14 @@ class TrainConfig:
     eval_iters: int = 4
     save_interval: int = 100
     run_dir: str = "runs/default"
+    # Complete checkpoints kept in <run_dir>/checkpoints (older ones are deleted); 0 keeps all.
+    keep_checkpoints: int = 3
+    # Stop (exit status 3) after this many consecutive steps with a non-finite loss or gradient
+    # norm; such steps are never applied. Loss-scaler overflows under fp16 do not count.
+    max_bad_steps: int = 3
+    # Also write each checkpoint's model as consolidated fp32 safetensors (what resharding to
+    # another TP/PP/DP layout and `afb-scale export` read).
+    save_consolidated: bool = True
 
 
 @dataclass
@@ -341,6 +349,12 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
         )
     if t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be >= 1")
+    if t.save_interval < 1:
+        raise ConfigError(f"train.save_interval={t.save_interval} must be >= 1")
+    if t.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps every checkpoint)")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     if not 0 <= t.warmup_steps <= t.steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be between 0 and train.steps={t.steps}")
     if t.min_lr > t.lr:

@@ -125,10 +125,60 @@ def _clip_fp32_gradients_correctly(engine) -> None:
     def clip_fp32_gradients():
         params = list(engine.module.parameters())
         norm = model_grad_norm(params)
-        torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
         engine._global_grad_norm = norm
+        if torch.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def _skip_non_finite_fp32_steps(engine) -> None:
+    """Never apply a non-finite gradient on the one path DeepSpeed does not guard.
+
+    DeepSpeed's ZeRO 1-3 and fp16/bf16 optimizers check the gradients for inf/NaN and skip such
+    a step (no update, no LR-scheduler step, `was_step_applied()` False). Plain fp32 at ZeRO 0
+    hands the gradients straight to torch's AdamW. Here that optimizer's `step` first takes the
+    global gradient norm (the one clipping just computed, or a fresh one) and returns without
+    updating when it is not finite; its `overflow` attribute tells DeepSpeed's engine
+    (runtime/engine.py `_take_model_step`) to count the step as skipped and leave the LR
+    scheduler alone, exactly as on the ZeRO paths. The norm is identical on every rank (gradients
+    are already reduced over DP, the norm over TP x PP), so all ranks skip together.
+    """
+    opt = engine.optimizer
+    inner_step = opt.step
+    opt.overflow = False
+
+    def step(*args, **kwargs):
+        if engine.gradient_clipping() <= 0.0:
+            engine._global_grad_norm = model_grad_norm(list(engine.module.parameters()))
+        norm = engine._global_grad_norm
+        opt.overflow = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
+        if opt.overflow:
+            return None
+        return inner_step(*args, **kwargs)
+
+    # The LR scheduler wrapped the original step to check call order; this wraps that wrapper.
+    step._wrapped_by_lr_sched = True
+    opt.step = step
+
+
+class GuardedLMLoss(LMLoss):
+    """LMLoss whose non-finite value always poisons the gradients with NaN.
+
+    An infinite loss can still have finite gradients; multiplying by NaN there (a constant, no
+    host sync) guarantees the optimizer's non-finite check sees the bad step and skips it.
+    `inject_nan` is the test hook AFB_TEST_INJECT_NAN (testing_hooks.py), set per step by the
+    training loop and never in normal runs.
+    """
+
+    inject_nan = False
+
+    def __call__(self, logits, labels_and_mask):
+        loss = super().__call__(logits, labels_and_mask)
+        if self.inject_nan:
+            loss = loss * float("nan")
+        poison = torch.where(torch.isfinite(loss), torch.ones_like(loss), torch.full_like(loss, float("nan")))
+        return loss * poison.detach()
 
 
 @dataclass
@@ -137,15 +187,18 @@ class StepResult:
     grad_norm: Optional[float]
     lr: float
     loss_scale: Optional[float]
+    applied: bool = True  # False: the optimizer skipped this step (non-finite gradients / overflow)
 
 
 class Engine:
     """Build the model and DeepSpeed engine for a validated config; one call per global batch."""
 
-    def __init__(self, cfg: Config, world_size: int):
+    def __init__(self, cfg: Config, world_size: int, initial_weights: Optional[dict] = None):
+        """`initial_weights`: full tensors by GPTModel name (reshard.py) loaded into the model
+        before DeepSpeed wraps it -- how a checkpoint from another layout is loaded."""
         self.cfg = cfg
         self.pipelined = cfg.parallel.pipeline > 1
-        self.loss_fn = LMLoss()
+        self.loss_fn = GuardedLMLoss()
         t, p = cfg.train, cfg.parallel
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         if self.pipelined:
@@ -162,6 +215,10 @@ class Engine:
                 gpt.config.recompute_num_layers = 1
             model = GPTWithLoss(gpt, self.loss_fn, cfg.model.seq_length)
             mpu = MegatronMPU()
+        if initial_weights is not None:
+            from afb_scale.reshard import load_into_module
+
+            load_into_module(model, initial_weights, cfg.model.num_layers, self.pipelined)
         model.to(self.device)
         if p.sequence_parallel:
             sum_sequence_parallel_grads_over_tp(model)
@@ -174,6 +231,8 @@ class Engine:
             config=deepspeed_config(cfg, world_size),
         )
         _clip_fp32_gradients_correctly(self.engine)
+        if not (p.zero_stage or self.engine.fp16_enabled() or self.engine.bfloat16_enabled()):
+            _skip_non_finite_fp32_steps(self.engine)
         # Runtime randomness (dropout) differs per data-parallel rank, identical within a TP group.
         torch.manual_seed(t.seed + 100 * parallel_state.get_data_parallel_rank())
 
@@ -209,7 +268,7 @@ class Engine:
             dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
             loss = (total / parallel_state.get_data_parallel_world_size()).item()
         return StepResult(loss=loss, grad_norm=self.grad_norm(), lr=self.scheduler.get_last_lr()[0],
-                          loss_scale=self.loss_scale())
+                          loss_scale=self.loss_scale(), applied=bool(self.engine.was_step_applied()))
 
     def grad_norm(self) -> Optional[float]:
         norm = self.engine.get_global_grad_norm()
