@@ -4,6 +4,7 @@
     afb-scale plan  --config CONFIG --world-size N [overrides]   validate and show the layout
     afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
     afb-scale submit configs/cluster/example.yaml [--dry-run]   Slurm batch script (launch/)
+    afb-scale export RUN_DIR|CHECKPOINT OUT_DIR [--eval]         one-process model (safetensors)
     afb-scale sweep --sweep configs/studies/X.yaml [--run | --submit CLUSTER_YAML]
     afb-scale report RUN_DIR... --out DIR                         table + PNG plots
 
@@ -93,6 +94,12 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from afb_scale.export import cmd_export as run_export
+
+    return run_export(args)
+
+
 def cmd_plan(args) -> int:
     cfg = _load_validated(args, args.world_size)
     from afb_scale.engine import deepspeed_config
@@ -124,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_prepare_data)
     sub.add_parser("submit", help="render a Slurm batch script from configs/cluster/*.yaml and sbatch it (submit --help)")
+    p = sub.add_parser("export", help="export a checkpoint for one-process evaluation (safetensors + config + tokenizer)")
+    p.add_argument("source", help="run directory (newest complete checkpoint) or one checkpoint directory")
+    p.add_argument("out_dir", help="export directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    p.add_argument("--eval", action="store_true", help="load the export here and print its validation loss")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("sweep", help="expand a sweep file; --run runs it here, --submit as a Slurm array job")
     p.add_argument("--sweep", required=True)
     p.add_argument("--run", action="store_true", help="run every variant with torchrun here, then report")

@@ -1,6 +1,7 @@
 """Preemption: a signal asks the run to finish its step, checkpoint and exit for requeue.
 
-Slurm sends SIGUSR1 (`--signal=USR1@N`) or SIGTERM before killing a job. The handler only
+Slurm sends SIGUSR1 (`--signal=B:USR1@N`, forwarded by launch/slurm/train.sbatch) or SIGTERM
+before killing a job. The handler only
 sets a flag; the training loop checks it between optimizer steps, agreed across ranks with one
 all-reduce, because a signal may reach ranks at different moments. A second signal during the
 save changes nothing: the flag is already set and the save runs to completion (and a save is
@@ -19,8 +20,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-# EX_TEMPFAIL: "try again later". launch/slurm/*.sbatch requeues the job on this status.
-REQUEUE_EXIT_CODE = 75
+from afb_scale.launch_env import REQUEUE_EXIT_CODE  # noqa: F401  (the status callers exit with)
 
 
 class PreemptionFlag:

@@ -138,7 +138,7 @@ def run(cfg: Config, world_size: int) -> int:
     state = checkpoint.load(engine, plan) if plan else {}
     step = state.get("step", 0)
     consumed = state.get("consumed_samples", 0)
-    log = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard)
+    log = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard, start_step=step)
     metrics = MetricsFile(run_dir / "metrics.jsonl", enabled=rank == 0)
     metrics.write({"event": "resume" if plan else "start", "step": step, "consumed_samples": consumed,
                    **({"checkpoint": plan["dir"].name} if plan else {})})

@@ -19,13 +19,16 @@ def format_duration(seconds: float) -> str:
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # On resume, hide what a killed attempt logged after the checkpoint we resumed from,
+            # so the curves show each step once.
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                        purge_step=start_step + 1 if start_step else None)
 
     def print(self, text: str) -> None:
         if self.enabled:
