@@ -7,6 +7,7 @@ and that a preemption signal becomes the requeue status 75.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def test_two_agents_give_one_world(tmp_path, rdzv):
     codes = finish(procs, timeout=180)
     text = read(logs)
     assert codes == [0, 0], text[-4000:]
-    ranks = sorted(line.split()[2] for line in text.splitlines() if line.startswith("probe rank"))
+    # Two workers of a node write to one log: lines may interleave, so match, don't split lines.
+    ranks = sorted(re.findall(r"probe rank (\d+/\d+) local_rank", text))
     assert ranks == ["0/4", "1/4", "2/4", "3/4"], text[-4000:]
     assert text.count("afb-launch node=") == 2 and f"nnodes=2 nproc_per_node=2 rdzv={rdzv}" in text
 
