@@ -259,8 +259,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
-    """Load, compose and type-check a config (validation against a world size is separate)."""
+def read_with_overrides(path: str | os.PathLike | None, overrides: list[str] = ()) -> dict:
+    """The composed YAML of `path` with `section.key=value` overrides applied, untyped."""
     data = _read_yaml(Path(path)) if path else {}
     for ov in overrides:
         keys, value = parse_override(ov)
@@ -270,7 +270,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             if not isinstance(node, dict):
                 raise ConfigError(f"override {ov!r}: {k!r} is not a section")
         node[keys[-1]] = value
-    return _from_dict(Config, data)
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+    """Load, compose and type-check a config (validation against a world size is separate)."""
+    return _from_dict(Config, read_with_overrides(path, overrides))
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

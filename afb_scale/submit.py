@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from afb_scale.config import ConfigError, _from_dict, _read_yaml, parse_override
+from afb_scale.config import ConfigError, _from_dict, read_with_overrides
 
 BODY_MARKER = "# ---- afb-scale body"
 TEMPLATE = Path("launch") / "slurm" / "train.sbatch"
@@ -233,15 +233,7 @@ def _env_value(key: str, value: Any) -> str:
 
 def load_job(path: str | os.PathLike | None, overrides: list[str] = ()) -> ClusterJobConfig:
     """Load a cluster-job config (YAML with `include:`), apply key=value overrides, validate."""
-    data = _read_yaml(Path(path)) if path else {}
-    for ov in overrides:
-        keys, value = parse_override(ov)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {ov!r}: {k!r} is not a section")
-        node[keys[-1]] = value
+    data = read_with_overrides(path, overrides)
     # `env` is a free mapping, which the typed loader does not handle: checked here instead.
     env = data.pop("env", None) or {}
     if not isinstance(env, dict):
