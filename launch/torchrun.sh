@@ -10,7 +10,10 @@
 # MASTER_ADDR and MASTER_PORT in each worker.
 #
 # Settings (environment):
-#   NPROC_PER_NODE  workers on this node (default: number of visible GPUs, else 1)
+#   NPROC_PER_NODE  workers on this node. Default: the number of GPUs this process may use --
+#                   the entries of CUDA_VISIBLE_DEVICES when it is set (up to the first invalid
+#                   one, as CUDA reads it: "", -1 and Slurm's NoDevFiles mean none), otherwise
+#                   `nvidia-smi --list-gpus`; 1 when that gives no GPU (a CPU run).
 #   NNODES          nodes taking part (default 1)
 #   MASTER_ADDR     host of the rendezvous (node rank 0 / the first node); default 127.0.0.1
 #   MASTER_PORT     its port (default 29500)
@@ -23,6 +26,8 @@
 #   AFB_PYTHON      interpreter that runs torch.distributed.run (default python)
 #   AFB_PREEMPT_SIGNAL  the preemption signal, USR1 (see "Signals" below)
 #   AFB_REQUEUE_EXIT_CODE  status meaning "checkpointed, please requeue" (75, EX_TEMPFAIL)
+#   AFB_DRY_RUN=1   print the afb-launch line and the torchrun command line, then exit 0
+#                   without starting anything (to check what a node would run)
 #
 # Signals: the preemption signal (SIGUSR1) means "finish the step, checkpoint, exit 75". The
 # torchrun agent does not handle SIGUSR1 (its default action would kill the agent and orphan the
@@ -46,11 +51,32 @@ if [ "$#" -eq 0 ]; then
     exit 2
 fi
 
-default_nproc() {
-    local n=0
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        n=$(nvidia-smi --list-gpus 2>/dev/null | wc -l) || n=0
+# GPUs this process may use. CUDA_VISIBLE_DEVICES, when set, is what CUDA sees (Slurm's
+# --gpus-per-node sets it, so does a user restricting a node): nvidia-smi lists every GPU of the
+# machine regardless, and one worker per listed GPU would hand out ordinals that do not exist.
+# CUDA reads the comma-separated list up to the first invalid entry; "" and "-1" hide every GPU,
+# and Slurm sets "NoDevFiles" when the job has none.
+visible_gpus() {
+    local entry n=0
+    if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+        local -a entries=()
+        IFS=, read -r -a entries <<<"$CUDA_VISIBLE_DEVICES"
+        for entry in "${entries[@]}"; do
+            entry=${entry// /}
+            case "$entry" in
+                "" | -* | NoDevFiles) break ;;
+            esac
+            n=$((n + 1))
+        done
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        n=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU ') || n=0
     fi
+    echo "$n"
+}
+
+default_nproc() {
+    local n
+    n=$(visible_gpus)
     if [ "$n" -gt 0 ]; then echo "$n"; else echo 1; fi
 }
 
@@ -113,6 +139,12 @@ TORCHRUN+=(--no-python "$@")
 
 echo "afb-launch node=$NODE_NAME host=$(hostname) nnodes=$NNODES nproc_per_node=$NPROC_PER_NODE" \
     "rdzv=$RDZV_BACKEND $NODE_DESC master=$MASTER_ADDR:$MASTER_PORT"
+if [ "${AFB_DRY_RUN:-0}" = 1 ]; then
+    printf 'afb-launch dry run (AFB_DRY_RUN=1), would run:'
+    printf ' %q' "${TORCHRUN[@]}"
+    printf '\n'
+    exit 0
+fi
 
 # Children of a process, from /proc (procps is not in slim images).
 children_of() {

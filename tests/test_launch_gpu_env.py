@@ -1,0 +1,133 @@
+"""How the launch scripts size a job to the GPUs and CPUs they are given.
+
+- launch/torchrun.sh: one worker per GPU this process may use (CUDA_VISIBLE_DEVICES before
+  `nvidia-smi`), observed through its AFB_DRY_RUN=1 output and through a real torchrun start.
+  A fake `nvidia-smi` on PATH stands in for an 8-GPU node.
+- launch/quickstart.sh: CPU unless torch sees 2 GPUs; its real CPU run still trains.
+- launch/slurm/train.sbatch: each srun step gets the job's --cpus-per-task, on a real two-node
+  Slurm (tests/slurm_cluster.py) that binds tasks to CPUs (task/affinity), for both launchers.
+- launch/srun_task.sh: LOCAL_RANK stays SLURM_LOCALID under GPU binding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch_support import REPO, TINY_OVERRIDES, job_env, tiny_training  # noqa: F401  (tiny_training: fixture)
+from slurm_cluster import SlurmCluster, missing_prerequisites
+
+TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
+QUICKSTART = REPO / "launch" / "quickstart.sh"
+SRUN_TASK = REPO / "launch" / "srun_task.sh"
+TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+PYBIN = str(Path(sys.executable).parent)
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# Stand-in for nvidia-smi on an 8-GPU node: it lists every GPU of the machine, whatever
+# CUDA_VISIBLE_DEVICES says (as the real one does).
+if [ "$1" = "--list-gpus" ] || [ "$1" = "-L" ]; then
+    for i in 0 1 2 3 4 5 6 7; do
+        echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-00000000-0000-0000-0000-00000000000$i)"
+    done
+    exit 0
+fi
+echo "fake nvidia-smi: unsupported arguments: $*" >&2
+exit 2
+"""
+
+
+@pytest.fixture
+def eight_gpu_path(tmp_path) -> str:
+    """PATH with a fake 8-GPU nvidia-smi first (then this interpreter, then the usual PATH)."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    smi = bindir / "nvidia-smi"
+    smi.write_text(FAKE_NVIDIA_SMI)
+    smi.chmod(0o755)
+    return os.pathsep.join([str(bindir), PYBIN, os.environ.get("PATH", "")])
+
+
+def torchrun_env(path: str, cvd: str | None, **extra: str) -> dict:
+    env = job_env(PATH=path, **extra)
+    for k in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_BACKEND", "RDZV_ID",
+              "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_NODEID", "CUDA_VISIBLE_DEVICES", "AFB_DRY_RUN"):
+        if k not in extra:
+            env.pop(k, None)
+    if cvd is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cvd
+    return env
+
+
+def dry_run(env: dict, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(TORCHRUN_SH), *(command or ("true",))], cwd=REPO,
+                          env=dict(env, AFB_DRY_RUN="1"), capture_output=True, text=True, timeout=60)
+
+
+# ---- launch/torchrun.sh -----------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "cvd, expected",
+    [
+        (None, 8),                     # nothing set: every GPU nvidia-smi lists
+        ("0,3", 2),                    # the GPUs this process may use, not the machine's 8
+        ("5", 1),
+        ("GPU-aaaa,GPU-bbbb,MIG-cccc", 3),  # UUIDs count like indices
+        ("0,1,-1,2", 2),               # CUDA stops reading at the first invalid entry
+        ("", 1),                       # no GPU visible: one (CPU) worker
+        ("-1", 1),
+        ("NoDevFiles", 1),             # what Slurm sets for a job without GPUs
+    ],
+    ids=lambda v: repr(v),
+)
+def test_nproc_per_node_counts_the_visible_gpus(eight_gpu_path, cvd, expected):
+    r = dry_run(torchrun_env(eight_gpu_path, cvd))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"nproc_per_node={expected} " in r.stdout, r.stdout
+    assert f"--nproc-per-node={expected} " in r.stdout, r.stdout
+    assert "would run:" in r.stdout
+
+
+def test_explicit_nproc_per_node_wins(eight_gpu_path):
+    r = dry_run(torchrun_env(eight_gpu_path, "0,3", NPROC_PER_NODE="3"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "nproc_per_node=3 " in r.stdout and "--nproc-per-node=3 " in r.stdout, r.stdout
+
+
+def test_dry_run_prints_the_command_quoted_and_starts_nothing(eight_gpu_path, tmp_path):
+    marker = tmp_path / "ran"
+    r = dry_run(torchrun_env(eight_gpu_path, "0,3"), "touch", str(marker), "two words")
+    assert r.returncode == 0, r.stdout + r.stderr
+    line = next(line for line in r.stdout.splitlines() if "would run:" in line)
+    argv = subprocess.run(["bash", "-c", 'printf "%s\\n" ' + line.split("would run:", 1)[1]],
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+    assert argv[1:3] == ["-m", "torch.distributed.run"]
+    assert argv[-4:] == ["--no-python", "touch", str(marker), "two words"]
+    assert not marker.exists()
+
+
+PROBE = r"""
+import os
+import torch.distributed as dist
+dist.init_process_group("gloo")
+print(f"probe rank {dist.get_rank()}/{dist.get_world_size()} local_world_size={os.environ['LOCAL_WORLD_SIZE']} "
+      f"cvd={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_starts_one_worker_per_visible_gpu(eight_gpu_path):
+    """Not only the printed count: torchrun really spawns 2 workers for CUDA_VISIBLE_DEVICES=0,3 on
+    an "8-GPU" node (gloo; the workers find no CUDA here, which the probe does not need)."""
+    env = torchrun_env(eight_gpu_path, "0,3", AFB_PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(TORCHRUN_SH), sys.executable, "-c", PROBE], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ranks = sorted(re.findall(r"probe rank (\d+/\d+) local_world_size=(\d+) cvd=(\S+)", r.stdout))
+    assert ranks == [("0/2", "2", "0,3"), ("1/2", "2", "0,3")], r.stdout + r.stderr
