@@ -131,3 +131,84 @@ def test_torchrun_starts_one_worker_per_visible_gpu(eight_gpu_path):
     assert r.returncode == 0, r.stdout + r.stderr
     ranks = sorted(re.findall(r"probe rank (\d+/\d+) local_world_size=(\d+) cvd=(\S+)", r.stdout))
     assert ranks == [("0/2", "2", "0,3"), ("1/2", "2", "0,3")], r.stdout + r.stderr
+
+
+# ---- launch/quickstart.sh ---------------------------------------------------------------------
+
+def quickstart_env(**extra: str) -> dict:
+    env = job_env(PATH=os.pathsep.join([PYBIN, os.environ.get("PATH", "")]), **extra)
+    if "DS_ACCELERATOR" not in extra:
+        env.pop("DS_ACCELERATOR", None)  # job_env defaults it to cpu; the script must decide
+    return env
+
+
+def quickstart_dry_run(env: dict, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(QUICKSTART), *overrides], cwd=REPO, env=dict(env, AFB_DRY_RUN="1"),
+                          capture_output=True, text=True, timeout=120)
+
+
+def torch_gpus(env: dict) -> int:
+    """CUDA GPUs torch sees under `env` (asked in a child, as the script asks)."""
+    r = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count() "
+                        "if torch.cuda.is_available() else 0)"], env=env, capture_output=True, text=True,
+                       check=True, timeout=120)
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+def test_quickstart_picks_the_device_from_the_gpus_torch_sees():
+    env = quickstart_env()
+    gpus = torch_gpus(env)
+    r = quickstart_dry_run(env, "train.steps=5")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The command itself is the same everywhere: 2 processes, the quickstart config, the overrides.
+    assert ("would run: torchrun --standalone --nproc_per_node 2 -m afb_scale.cli train "
+            "--config configs/quickstart.yaml train.steps=5") in r.stdout, r.stdout
+    cvd_before = os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)")
+    if gpus == 0:
+        assert f"DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES={cvd_before}\n" in r.stdout, r.stdout
+        assert "running on CPU" not in r.stdout
+    elif gpus == 1:
+        assert "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=\n" in r.stdout, r.stdout
+        assert "1 CUDA GPU visible" in r.stdout and "running on CPU" in r.stdout, r.stdout
+    else:
+        assert f"DS_ACCELERATOR= CUDA_VISIBLE_DEVICES={cvd_before}\n" in r.stdout, r.stdout
+
+
+def test_quickstart_runs_on_cpu_when_every_gpu_is_hidden():
+    r = quickstart_dry_run(quickstart_env(CUDA_VISIBLE_DEVICES=""))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=\n" in r.stdout, r.stdout
+    assert "running on CPU" not in r.stdout  # no GPU at all is the ordinary CPU path, no message
+
+
+def test_quickstart_keeps_a_callers_accelerator():
+    r = quickstart_dry_run(quickstart_env(DS_ACCELERATOR="cuda"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "DS_ACCELERATOR=cuda " in r.stdout, r.stdout
+
+
+GPUS_HERE = torch_gpus(dict(os.environ))
+
+
+@pytest.mark.skipif(GPUS_HERE < 1, reason="needs a CUDA GPU")
+def test_quickstart_falls_back_to_cpu_with_one_gpu():
+    """TP = 2 as 2 NCCL ranks on one GPU cannot work: CPU, with the GPU hidden, and one line why."""
+    r = quickstart_dry_run(quickstart_env(CUDA_VISIBLE_DEVICES="0"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    notes = [line for line in r.stdout.splitlines() if "running on CPU" in line]
+    assert len(notes) == 1 and "1 CUDA GPU visible" in notes[0], r.stdout
+    assert "DS_ACCELERATOR=cpu CUDA_VISIBLE_DEVICES=\n" in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(GPUS_HERE > 0, reason="checks the CPU path of a CPU machine")
+def test_quickstart_still_trains_on_cpu(tiny_training, tmp_path):
+    """The real quickstart on this CPU machine, shortened by overrides (setup is already done)."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run(["bash", str(QUICKSTART), *TINY_OVERRIDES, f"train.run_dir={run_dir}"],
+                       cwd=REPO, env=quickstart_env(AFB_SKIP_SETUP="1"), capture_output=True, text=True,
+                       timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert "afb-scale rank 0/2" in out and "afb-scale rank 1/2" in out, out[-6000:]
+    assert "training finished" in out, out[-6000:]
+    assert (run_dir / "checkpoints" / "latest").is_file()
