@@ -18,6 +18,13 @@ fi
 
 export RANK="$SLURM_PROCID"
 export WORLD_SIZE="$SLURM_NTASKS"
+# LOCAL_RANK is the task's index on its node, as torchrun defines it; torch.distributed and
+# megatron-core rely on that meaning, so it stays SLURM_LOCALID even where it is not a CUDA device
+# index: with GPU binding (srun --gpu-bind=..., --gpus-per-task=1) Slurm sets each task's
+# CUDA_VISIBLE_DEVICES to its own GPU only, so every task sees one device, cuda:0, and
+# cuda:LOCAL_RANK does not exist for LOCAL_RANK > 0. The trainer therefore picks its device as
+# LOCAL_RANK only when LOCAL_RANK < torch.cuda.device_count(), and device 0 when exactly one GPU
+# is visible (afb_scale.device.local_device_index); do not "fix" this by rewriting LOCAL_RANK.
 export LOCAL_RANK="$SLURM_LOCALID"
 # SLURM_TASKS_PER_NODE reads like "4(x2)"; the batch script asks for the same number of tasks
 # on every node (--ntasks-per-node), so its first count is this node's.

@@ -212,3 +212,97 @@ def test_quickstart_still_trains_on_cpu(tiny_training, tmp_path):
     assert "afb-scale rank 0/2" in out and "afb-scale rank 1/2" in out, out[-6000:]
     assert "training finished" in out, out[-6000:]
     assert (run_dir / "checkpoints" / "latest").is_file()
+
+
+# ---- launch/srun_task.sh ----------------------------------------------------------------------
+
+def test_srun_task_keeps_local_rank_the_slurm_local_id():
+    """With GPU binding a task sees one GPU, yet LOCAL_RANK stays its index on the node (what
+    torch.distributed expects); the trainer, not this script, maps it to a device."""
+    env = dict(os.environ, SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_TASKS_PER_NODE="4(x2)",
+               SLURM_NODEID="1", MASTER_ADDR="node1", MASTER_PORT="29500", CUDA_VISIBLE_DEVICES="1")
+    r = subprocess.run(["bash", str(SRUN_TASK), "env"], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    got = dict(line.split("=", 1) for line in r.stdout.splitlines() if "=" in line)
+    assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"], got["LOCAL_WORLD_SIZE"]) == ("5", "8", "1", "4")
+    assert got["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+# ---- launch/slurm/train.sbatch: --cpus-per-task on the step, real Slurm ------------------------
+
+class AffinityCluster(SlurmCluster):
+    """The test cluster with CPU binding on (task/affinity, cores), as production clusters bind:
+    a task's CPU mask then shows how many CPUs its step gave it."""
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        text = self.conf.read_text()
+        assert "TaskPlugin=task/none\n" in text
+        self.conf.write_text(text.replace("TaskPlugin=task/none\n", "TaskPlugin=task/affinity\nTaskPluginParam=Cores\n"))
+
+
+CPU_PROBE = ("import os; print(f\"afb-cpus node={os.environ.get('SLURMD_NODENAME')} rank={os.environ.get('RANK')} "
+             "cpus={len(os.sched_getaffinity(0))}\", flush=True)")
+
+
+def slurm_version(env: dict) -> tuple[int, int]:
+    out = subprocess.run(["srun", "--version"], env=env, capture_output=True, text=True).stdout
+    m = re.search(r"(\d+)\.(\d+)", out)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def probe_cpus(cluster: SlurmCluster, *srun_args: str) -> list[int]:
+    r = cluster.run(["srun", "--nodes=1", "--ntasks=1", *srun_args, sys.executable, "-c", CPU_PROBE],
+                    timeout=120)
+    return [int(c) for c in re.findall(r"cpus=(\d+)", r.stdout)]
+
+
+@pytest.fixture(scope="module")
+def affinity_cluster(tmp_path_factory):
+    reason = missing_prerequisites()
+    if reason:
+        if os.environ.get("AFB_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{reason} (AFB_REQUIRE_SLURM=1)")
+        pytest.skip(reason)
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell a 1-CPU step from a 2-CPU one")
+    c = AffinityCluster(tmp_path_factory.mktemp("slurm-affinity"))
+    with c:
+        # The cluster must really bind, or the job test below would pass whatever srun was given.
+        one, two = probe_cpus(c, "--cpus-per-task=1"), probe_cpus(c, "--cpus-per-task=2")
+        if (one, two) != ([1], [2]):
+            pytest.skip(f"task/affinity does not bind CPUs here (1 CPU -> {one}, 2 CPUs -> {two})")
+        yield c
+
+
+def test_the_cluster_reproduces_the_missing_cpus_per_task(affinity_cluster, tmp_path):
+    """Without the fix's explicit --cpus-per-task, srun inside a -c 2 job gives its task one CPU on
+    Slurm 22.05 to 23.02: the defect, reproduced (so the next test can tell fixed from not)."""
+    if not (22, 5) <= slurm_version(affinity_cluster.env) <= (23, 2):
+        pytest.skip("srun reads the job's cpus-per-task in this Slurm version")
+    r = affinity_cluster.run(["salloc", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2",
+                              "srun", "--ntasks=1", sys.executable, "-c", CPU_PROBE], timeout=120)
+    assert re.findall(r"cpus=(\d+)", r.stdout) == ["1"], r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_training_step_gets_the_jobs_cpus_per_task(affinity_cluster, tmp_path, launcher):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = job_env(SLURM_CONF=affinity_cluster.env["SLURM_CONF"], AFB_LAUNCHER=launcher, AFB_APPEND_RUN_DIR="0",
+                  AFB_REQUEUE="0", AFB_RUN_ROOT=str(tmp_path / "runs"), AFB_PYTHON=sys.executable)
+    for k in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
+        del env[k]
+    name = f"afb-cpus-{launcher}"
+    job_id = affinity_cluster.sbatch(["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", f"--job-name={name}",
+                                      f"--chdir={REPO}", f"--output={logs}/%x-%j.out", str(TRAIN_SBATCH),
+                                      sys.executable, "-c", CPU_PROBE], env=env)
+    info = affinity_cluster.wait_job(job_id, timeout=300)
+    log = logs / f"{name}-{job_id}.out"
+    text = log.read_text(errors="replace") if log.exists() else "(no log)"
+    assert info["JobState"] == "COMPLETED", f"{info}\n{text[-4000:]}"
+    assert f"launcher={launcher}" in text
+    # One process per node (ranks 0 and 1 in either order under torchrun's c10d), each with 2 CPUs.
+    found = re.findall(r"afb-cpus node=(\w+) rank=(\d) cpus=(\d+)", text)
+    assert sorted((node, cpus) for node, _, cpus in found) == [("node1", "2"), ("node2", "2")], text[-4000:]
+    assert sorted(rank for _, rank, _ in found) == ["0", "1"], text[-4000:]
