@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from afb_scale import testing_hooks
+from afb_scale import device, testing_hooks
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -136,28 +136,13 @@ def _layout_text(layout: dict) -> str:
 
 
 def rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-        from megatron.core import tensor_parallel
-
-        state["megatron_cuda_tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
-    return state
+    return {"python": random.getstate(), "numpy": np.random.get_state(), **device.rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-        from megatron.core import tensor_parallel
-
-        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_cuda_tracker"])
+    device.set_rng_state(state)
 
 
 def _rng_path(tag_dir: Path, rank: int) -> Path:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from afb_scale import device
 from afb_scale.config import Config, data_parallel_size
 from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
 from afb_scale.model.lm_loss import LMLoss
@@ -44,6 +45,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # Our optimizer is torch's AdamW (the fused ones need CUDA); ZeRO wraps it as it is.
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.precision == "bf16"},
+        # bf16 gradients are accumulated over micro-batches and reduced over data parallelism in
+        # fp32 (ZeRO-1: DeepSpeed's BF16_Optimizer; ZeRO-3: its fp32 partitions). Without this
+        # DeepSpeed sums 32 micro-batches of the 1.3B config in bf16 (8 bits of mantissa).
+        # Validation allows bf16 only at ZeRO 1 and 3, where DeepSpeed honours these settings.
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+           if t.precision == "bf16" else {}),
         "fp16": {
             "enabled": t.precision == "fp16",
             "loss_scale": 0,  # dynamic loss scaling
@@ -55,6 +62,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,  # the training loop does the logging
         "wall_clock_breakdown": False,
     }
+    if p.pipeline > 1:
+        # DeepSpeed's pipeline engine sends each stage output split across the TP group and
+        # gathers it on the next stage, which assumes the TP ranks hold the same tensor. Under
+        # sequence parallelism each holds a different slice of the sequence: send it whole.
+        ds["pipeline"] = {"pipe_partitioned": not p.sequence_parallel, "grad_partitioned": not p.sequence_parallel}
     if t.activation_checkpointing and p.pipeline > 1:
         ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
     return ds
@@ -105,8 +117,7 @@ def model_grad_norm(params) -> torch.Tensor:
 
     grads = [p.grad for p in params if p.grad is not None
              and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-    device = grads[0].device if grads else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float32, device=device)
+    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else device.current())
     for g in grads:
         total += g.detach().float().pow(2).sum()
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
@@ -200,7 +211,7 @@ class Engine:
         self.pipelined = cfg.parallel.pipeline > 1
         self.loss_fn = GuardedLMLoss()
         t, p = cfg.train, cfg.parallel
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = device.current()
         if self.pipelined:
             topology = deepspeed_topology(p.tensor, p.pipeline, world_size)
             check_topology_agrees(topology)
@@ -245,7 +256,7 @@ class Engine:
         return parallel_state.is_pipeline_last_stage()
 
     def _to_device(self, mb: dict) -> dict:
-        return {k: v.to(self.device) for k, v in mb.items()}
+        return device.to_device(mb, self.device)
 
     def _pipe_iter(self, micro_batches: list[dict]) -> Iterable:
         for mb in micro_batches:

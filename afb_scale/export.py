@@ -100,14 +100,15 @@ def _single_process_megatron() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from afb_scale import cpu_shims
+    from afb_scale import device
 
-    cpu_shims.apply()
+    device.setup()
     if not dist.is_initialized():
         store = Path(tempfile.mkdtemp(prefix="afb_scale_export_pg_")) / "store"
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
+        device.seed_model_parallel_rng(0)  # megatron's attention forks this RNG on CUDA
     elif parallel_state.get_tensor_model_parallel_world_size() != 1 or \
             parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise RuntimeError("load_exported builds a TP = PP = 1 model; call it in a process of its own")

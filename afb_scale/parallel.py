@@ -7,40 +7,43 @@ order of DeepSpeed's PipeModelDataParallelTopology; engine.py asserts that the t
 from __future__ import annotations
 
 import datetime
-import os
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from afb_scale import cpu_shims
+from afb_scale import device
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_minutes: int = 30) -> None:
-    """Initialise torch.distributed from the torchrun environment, then megatron's groups.
+def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_minutes: int = 30, seed: int = 1234) -> None:
+    """Initialise torch.distributed from the torchrun environment, then megatron's groups, then
+    the model-parallel RNG (megatron's attention forks it on CUDA, device.py says why).
 
     Call only after the config has been validated: nothing here checks user input.
     """
-    cpu_shims.apply()
+    device.setup()
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(
-            backend=default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+            backend=device.backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
         )
     import deepspeed
 
     # DeepSpeed's comm layer wraps the existing torch.distributed group (no second init).
-    deepspeed.init_distributed(dist_backend=default_backend(), auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=device.backend(), auto_mpi_discovery=False)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor,
         pipeline_model_parallel_size=pipeline,
         distributed_timeout_minutes=timeout_minutes,
     )
+    device.seed_model_parallel_rng(seed)
+
+
+def any_rank(device, *flags: bool) -> list[bool]:
+    """For each flag, whether it is set on any rank: one all-reduce (and one host sync) for all
+    of them, so the loop pays one round trip per step however many conditions it agrees on."""
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
 
 def destroy_distributed() -> None:

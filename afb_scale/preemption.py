@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import signal
 
-import torch
-import torch.distributed as dist
-
 from afb_scale.launch_env import REQUEUE_EXIT_CODE  # noqa: F401  (the status callers exit with)
 
 
@@ -44,8 +41,8 @@ class PreemptionFlag:
         name = signal.Signals(self.received).name
         return name if self.count == 1 else f"{name} (and {self.count - 1} more)"
 
-    def agreed(self, device) -> bool:
-        """True on every rank if any rank has received a signal (a collective: call on all ranks)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    @property
+    def is_set(self) -> bool:
+        """This rank's view; the loop agrees on it across ranks (parallel.any_rank), because a
+        signal may reach ranks at different moments."""
+        return self.received is not None

@@ -34,7 +34,7 @@ from afb_scale.engine import Engine
 from afb_scale.metrics.layer_metrics import ActivationDrift, collect_layer_stats, reduce_layer_stats
 from afb_scale.metrics.run_logger import RunLogger, Throughput, format_duration
 from afb_scale.metrics.stability import StabilityTracker
-from afb_scale.parallel import init_distributed
+from afb_scale.parallel import any_rank, init_distributed
 from afb_scale.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask")
@@ -117,7 +117,7 @@ def run(cfg: Config, world_size: int) -> int:
     """Train according to a validated config; returns the process exit status."""
     t = cfg.train
     preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job
-    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
+    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=t.seed)
     rank = dist.get_rank()
     print(f"afb-scale rank {rank}/{world_size} host={socket.gethostname()} "
           f"local_rank={os.environ.get('LOCAL_RANK', 0)}", flush=True)
@@ -191,9 +191,8 @@ def run(cfg: Config, world_size: int) -> int:
         loss_ok = math.isfinite(result.loss)
         # fp16: a skipped step with a finite loss is the loss scaler's overflow, part of normal training.
         bad = not loss_ok or (not result.applied and t.precision != "fp16")
-        flag = torch.tensor([1.0 if bad else 0.0], device=engine.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        bad = bool(flag.item())
+        # One all-reduce agrees on both: a bad step anywhere, a signal on any rank.
+        bad, preempted = any_rank(engine.device, bad, preemption.is_set)
         metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                        "loss_scale": result.loss_scale, "applied": result.applied, "consumed_samples": consumed})
         testing_hooks.kill_point("step", step)
@@ -231,7 +230,7 @@ def run(cfg: Config, world_size: int) -> int:
         if not bad_steps and (step % t.save_interval == 0 or step == t.steps):
             save()
             last_saved = step
-        if preemption.agreed(engine.device):
+        if preempted:
             if last_saved != step and not bad_steps:
                 save()
                 last_saved = step

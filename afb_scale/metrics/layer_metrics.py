@@ -23,7 +23,7 @@ from afb_scale.model.parallel_afb import AFBMLP
 class LayerStats:
     gate_entropy: float  # mean binary entropy of the gates, in bits (1 = all gates at init)
     bias_correction_ratio: float  # rms(db) / rms(h)
-    mean_activation: torch.Tensor  # [f], mean over tokens of the hidden activation a
+    mean_activation: torch.Tensor  # [f] on CPU, mean over tokens of the hidden activation a
 
 
 def afb_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -68,7 +68,9 @@ def reduce_layer_stats(model: torch.nn.Module, tp_group=None) -> dict[str, Layer
         out[name] = LayerStats(
             gate_entropy=entropy / elements,
             bias_correction_ratio=math.sqrt(db_sq / h_sq) if h_sq > 0 else 0.0,
-            mean_activation=a_sum / s["tokens"],
+            # On the host: the loop gathers these across ranks as objects, and a pickled CUDA
+            # tensor would land on every receiving rank's GPU.
+            mean_activation=(a_sum.double() / s["tokens"].double()).float().cpu(),
         )
     return out
 

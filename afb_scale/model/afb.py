@@ -58,13 +58,14 @@ def feedback_statistics(
     # H(s) = -s log s - (1-s) log(1-s), written with softplus to stay finite when saturated.
     entropy = s * F.softplus(-logits) + (1.0 - s) * F.softplus(logits)
     units = h.shape[-1]
+    count = lambda n: torch.tensor(float(n), device=h.device)  # noqa: E731  (stacked with the sums)
     return {
         "entropy_bits": entropy.sum() / math.log(2.0),
-        "elements": torch.tensor(float(h.numel())),
+        "elements": count(h.numel()),
         "db_sq": db.float().pow(2).sum(),
         "h_sq": h.float().pow(2).sum(),
         "a_sum": a.float().reshape(-1, units).sum(0),
-        "tokens": torch.tensor(float(h.numel() // units)),
+        "tokens": count(h.numel() // units),
     }
 
 
