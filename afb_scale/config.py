@@ -25,6 +25,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 FFN_KINDS = ("gelu", "swiglu", "afb-gelu", "afb-swiglu")
+# Core attention: fused scaled_dot_product_attention, or megatron-core's local one (s x s scores).
+ATTENTION_KINDS = ("sdpa", "local")
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,9 @@ class ModelConfig:
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
+    # sdpa: torch's fused causal attention (flash kernels on GPU); local: megatron-core's
+    # DotProductAttention. Neither has parameters: checkpoints load into either.
+    attention: Literal["sdpa", "local"] = "sdpa"
 
     @property
     def is_afb(self) -> bool:
@@ -364,21 +369,29 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be between 0 and train.steps={t.steps}")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} must not exceed train.lr={t.lr}")
+    # Mixed precision x ZeRO: where DeepSpeed 0.19.8 keeps fp32 master weights and accumulates
+    # and reduces gradients at a precision that survives many micro-batches (docs/precision.md).
+    if t.precision == "bf16" and p.zero_stage not in (1, 3):
+        raise ConfigError(
+            f"train.precision=bf16 with parallel.zero_stage={p.zero_stage}: DeepSpeed accumulates bf16 "
+            "gradients in fp32 only at ZeRO stage 1 or 3 (stage 0 has no fp32 accumulation, stage 2 "
+            "accumulates in bf16); use parallel.zero_stage=1 (free at data-parallel size 1) or 3"
+        )
+    if t.precision == "fp16" and p.zero_stage == 0:
+        raise ConfigError(
+            "train.precision=fp16 with parallel.zero_stage=0: DeepSpeed's stage-0 fp16 optimizer is "
+            "its unfused one (an overflow check that syncs per parameter); use parallel.zero_stage=1, 2 or 3"
+        )
     if cuda_available is None:
         import torch
 
         cuda_available = torch.cuda.is_available()
-    if t.precision != "fp32" and not cuda_available:
+    if t.precision == "fp16" and not cuda_available:
         raise ConfigError(
-            f"train.precision={t.precision} needs a GPU and none is available; use train.precision=fp32 on CPU"
-        )
-    if p.sequence_parallel and not cuda_available:
-        raise ConfigError(
-            "parallel.sequence_parallel=true needs a GPU: megatron-core's local norm refuses sequence "
-            "parallelism without Apex/Transformer Engine; use parallel.sequence_parallel=false on CPU"
+            "train.precision=fp16 needs a GPU and none is available; use train.precision=fp32 or bf16 on CPU"
         )
     if p.sequence_parallel and p.tensor == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor > 1")
+        raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1, not parallel.tensor={p.tensor}")
     total = sum(d.weight for d in cfg.data.datasets)
     for i, d in enumerate(cfg.data.datasets):
         if d.weight <= 0:

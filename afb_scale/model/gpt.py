@@ -11,19 +11,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from afb_scale.config import ModelConfig, ParallelConfig, validate_model
+from afb_scale.device import DTYPES
+from afb_scale.model.norm import Norm
 from afb_scale.model.specs import transformer_layer_spec
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig = ParallelConfig(), precision: str = "fp32"
 ) -> TransformerConfig:
     validate_model(model, parallel.tensor)
-    dtype = _DTYPES[precision]
+    dtype = DTYPES[precision]
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -58,8 +59,16 @@ def transformer_config(
 
 def layer_spec_for(model: ModelConfig, seed: Optional[int]):
     return transformer_layer_spec(
-        model.ffn_kind, model.feedback_rank, model.normalization, init_seed=seed
+        model.ffn_kind, model.feedback_rank, model.normalization, init_seed=seed, attention=model.attention
     )
+
+
+def block_spec_for(model: ModelConfig, config: TransformerConfig, seed: Optional[int]) -> TransformerBlockSubmodules:
+    """This stage's layers and the final norm, named explicitly: given only a layer spec,
+    megatron-core picks the final norm by what is importable (TE's in NGC images), so the same
+    config built a different GPTModel on a GPU machine than the pipeline path does."""
+    layers = get_num_layers_to_build(config)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec_for(model, seed)] * layers, layer_norm=Norm)
 
 
 def build_gpt_model(
@@ -78,7 +87,7 @@ def build_gpt_model(
     torch.manual_seed(seed)  # embedding; each layer reseeds itself (SeededTransformerLayer)
     return GPTModel(
         config=cfg,
-        transformer_layer_spec=layer_spec_for(model, seed),
+        transformer_layer_spec=block_spec_for(model, cfg, seed),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_length,
         pre_process=pre_process,

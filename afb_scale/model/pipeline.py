@@ -16,12 +16,12 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import build_module
 
 from afb_scale.config import ModelConfig, ParallelConfig
 from afb_scale.model.gpt import causal_attention_mask, layer_spec_for, transformer_config
 from afb_scale.model.lm_loss import LMLoss
+from afb_scale.model.norm import Norm
 
 
 class EmbeddingPipe(torch.nn.Module):
@@ -72,8 +72,7 @@ class TransformerLayerPipe(torch.nn.Module):
 class FinalNormPipe(torch.nn.Module):
     def __init__(self, tc, model: ModelConfig):
         super().__init__()
-        spec = get_gpt_layer_local_spec(normalization=model.normalization)
-        self.norm = build_module(spec.submodules.input_layernorm, config=tc, hidden_size=tc.hidden_size, eps=tc.layernorm_epsilon)
+        self.norm = Norm(tc, tc.hidden_size, eps=tc.layernorm_epsilon)  # GPTModel's final norm (gpt.py)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)

@@ -4,6 +4,10 @@ All four start from megatron-core's local (non-Transformer-Engine) GPT layer spe
 MLP inside the TE spec would drop the pre-MLP layernorm, which TE fuses into fc1. GELU vs
 SwiGLU is a TransformerConfig matter (`gated_linear_unit`, see gpt.py), so the baselines keep
 megatron's own MLP and the AFB kinds swap in `AFBMLP`, which extends it.
+
+Two parts of the local spec are replaced on every machine: the norms (norm.py: megatron picks
+TE's, Apex's or torch's by what is importable, and torch's refuses sequence parallelism) and, with
+`attention="sdpa"` (the default), the core attention (attention.py: fused, no s x s scores).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from afb_scale.config import FFN_KINDS, ConfigError
+from afb_scale.config import ATTENTION_KINDS, FFN_KINDS, ConfigError
+from afb_scale.model.attention import SDPAttention
+from afb_scale.model.norm import Norm
 from afb_scale.model.parallel_afb import afb_mlp_spec
 
 
@@ -40,13 +46,20 @@ def transformer_layer_spec(
     normalization: str = "LayerNorm",
     init_seed: Optional[int] = None,
     feedback_out_init_std: float = 0.0,
+    attention: str = "sdpa",
 ) -> ModuleSpec:
     """The TransformerLayer spec for one FFN kind."""
     if ffn_kind not in FFN_KINDS:
         raise ConfigError(f"model.ffn_kind={ffn_kind!r} is not allowed; choose one of {', '.join(FFN_KINDS)}")
+    if attention not in ATTENTION_KINDS:
+        raise ConfigError(f"model.attention={attention!r} is not allowed; choose one of {', '.join(ATTENTION_KINDS)}")
     spec = get_gpt_layer_local_spec(normalization=normalization)
     spec.module = SeededTransformerLayer
     spec.params = {**(spec.params or {}), "init_seed": init_seed}
+    spec.submodules.input_layernorm = Norm
+    spec.submodules.pre_mlp_layernorm = Norm
+    if attention == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if ffn_kind.startswith("afb-"):
         spec.submodules.mlp = afb_mlp_spec(feedback_rank, feedback_out_init_std)
     return spec
