@@ -45,8 +45,14 @@ BAD = [
      "train.global_batch_size=12 must be a multiple of train.micro_batch_size x data-parallel size = 4 x 2"),
     (["parallel.tensor=1", "parallel.pipeline=2", "parallel.zero_stage=2"], 2,
      "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"),
-    (["train.precision=bf16"], 2, "train.precision=bf16 needs a GPU and none is available"),
-    (["parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel=true needs a GPU"),
+    (["train.precision=fp16", "parallel.zero_stage=1"], 2, "train.precision=fp16 needs a GPU and none is available"),
+    (["train.precision=bf16"], 2, "train.precision=bf16 with parallel.zero_stage=0: DeepSpeed accumulates bf16 "
+     "gradients in fp32 only at ZeRO stage 1 or 3"),
+    (["train.precision=bf16", "parallel.zero_stage=2"], 2, "train.precision=bf16 with parallel.zero_stage=2"),
+    (["train.precision=fp16"], 2, "train.precision=fp16 with parallel.zero_stage=0: DeepSpeed's stage-0 fp16 "
+     "optimizer is its unfused one"),
+    (["parallel.tensor=1", "parallel.sequence_parallel=true"], 2, "parallel.sequence_parallel=true needs parallel.tensor > 1"),
+    (["model.attention=flash"], 2, "model.attention='flash' is not allowed; choose one of sdpa, local"),
     (["model.ffn_kind=relu"], 2, "model.ffn_kind='relu' is not allowed"),
     (["train.lr=fast"], 2, "train.lr='fast' must be a number"),
 ]
