@@ -115,6 +115,12 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_selftest(args) -> int:
+    from afb_scale.selftest import cmd_selftest as run_selftest
+
+    return run_selftest(args)
+
+
 def _with_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (may `include:` others)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -148,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("selftest", help="train a few steps on every device path (fp32/bf16/fp16, "
+                       "checkpointing, resume, export) and print a table")
+    from afb_scale.selftest import add_arguments as selftest_arguments
+
+    selftest_arguments(p)
+    p.set_defaults(func=cmd_selftest)
     p = sub.add_parser("plan", help="validate a config for a world size and print the layout")
     _with_config_args(p)
     p.add_argument("--world-size", type=int, required=True)
