@@ -124,9 +124,22 @@ def _tokens_per_s(run_dir: Path) -> Optional[float]:
     return series[-1][1] if series else None
 
 
+def _model_overrides(size: str) -> list[str]:
+    """The small default model, or a preset's shape (layers, hidden, heads, sequence length); the
+    vocabulary stays the built-in corpus's."""
+    if not size:
+        return MODEL
+    from afb_scale.config import load_config
+
+    m = load_config(REPO / "configs" / "size" / f"{size}.yaml").model
+    return [f"model.num_layers={m.num_layers}", f"model.hidden_size={m.hidden_size}",
+            f"model.num_attention_heads={m.num_attention_heads}", f"model.feedback_rank={m.feedback_rank}",
+            f"model.seq_length={m.seq_length}"]
+
+
 def _train(case: Case, args, data_dir: Path, run_dir: Path, log: Path) -> subprocess.CompletedProcess:
     s = args.steps
-    overrides = MODEL + [
+    overrides = _model_overrides(args.size) + [
         "parallel.tensor=1", "parallel.pipeline=1", "parallel.zero_stage=0",
         f"train.steps={s}", f"train.warmup_steps={max(1, s // 5)}", "train.micro_batch_size=4",
         "train.global_batch_size=16", f"train.log_interval={max(1, s // 6)}",
@@ -279,6 +292,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="require CUDA and report as gpu_smoke")
     p.add_argument("--out", default="runs/selftest", help="where the runs and logs go (replaced)")
     p.add_argument("--steps", type=int, default=30, help="training steps per run (even, >= 4)")
+    p.add_argument("--size", default="", help="a configs/size preset's shape instead of the small model (e.g. 125m)")
     p.add_argument("--cases", default="", help="comma-separated subset of the case names (default: all)")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes for the multi-rank cases (default: visible GPUs; 1 on CPU)")
@@ -294,6 +308,9 @@ def cmd_selftest(args) -> int:
     cuda = torch.cuda.is_available()
     if args.gpu and not cuda:
         raise ConfigError("selftest --gpu: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if args.size and not (REPO / "configs" / "size" / f"{args.size}.yaml").is_file():
+        sizes = sorted(p.stem for p in (REPO / "configs" / "size").glob("*.yaml"))
+        raise ConfigError(f"--size={args.size!r} is not a preset; choose one of {', '.join(sizes)}")
     if args.steps < 4 or args.steps % 2:
         raise ConfigError(f"--steps={args.steps} must be an even number >= 4 (the resume case saves at half-way)")
     nproc = args.nproc if args.nproc is not None else (torch.cuda.device_count() if cuda else 1)
