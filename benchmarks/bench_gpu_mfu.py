@@ -273,4 +273,9 @@ def main():
 
 if __name__ == "__main__":
     ARGS = parse_args()
-    main()
+    try:
+        main()
+    finally:
+        from afb_scale.parallel import destroy_distributed
+
+        destroy_distributed()
