@@ -124,6 +124,11 @@ class TrainConfig:
     # Also write each checkpoint's model as consolidated fp32 safetensors (what resharding to
     # another TP/PP/DP layout and `afb-scale export` read).
     save_consolidated: bool = True
+    # Seconds each start-up phase (rendezvous, process groups, dataset build and its cache
+    # barrier, checkpoint discovery and load, the first step's collectives) may take before every
+    # rank exits with one line naming the phase (afb_scale/watchdog.py); also the process groups'
+    # collective timeout.
+    startup_timeout_s: float = 900.0
 
 
 @dataclass
@@ -363,6 +368,8 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
         raise ConfigError(f"train.save_interval={t.save_interval} must be >= 1")
     if t.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps every checkpoint)")
+    if t.startup_timeout_s <= 0:
+        raise ConfigError(f"train.startup_timeout_s={t.startup_timeout_s} must be > 0 seconds")
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     if not 0 <= t.warmup_steps <= t.steps:
