@@ -42,8 +42,34 @@ def _load_validated(args, world_size: int):
     return cfg
 
 
+def _launched() -> bool:
+    """True under torchrun, srun_task.sh or any launcher that sets torch.distributed's variables."""
+    return "RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def _as_single_process(cfg) -> None:
+    """A plain `afb-scale train` (no launcher) is a world of one, as a plain script would be:
+    give torch.distributed the environment torchrun would. A layout that needs more ranks says
+    how to launch it instead."""
+    ranks = cfg.parallel.tensor * cfg.parallel.pipeline
+    if ranks > 1:
+        raise ConfigError(
+            f"parallel.tensor x parallel.pipeline = {cfg.parallel.tensor} x {cfg.parallel.pipeline} needs at least "
+            f"{ranks} processes; launch it with torchrun --nproc_per_node {ranks} -m afb_scale.cli train ... "
+            "(or launch/torchrun.sh), or set parallel.tensor=1 parallel.pipeline=1 for one process")
+    import socket
+
+    with socket.socket() as s:  # a free port for the one-process rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+
+
 def cmd_train(args) -> int:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not _launched():
+        _as_single_process(load_config(args.config, args.overrides))
+    world_size = int(os.environ["WORLD_SIZE"])
     cfg = _load_validated(args, world_size)
     from afb_scale.data import check_prepared_data
 

@@ -12,11 +12,13 @@ then the steps after its checkpoint again, so the last record of each step is th
 
 A run directory with a checkpoint resumes from its newest complete one (checkpoint.py). Exit
 status: 0 done; 75 (REQUEUE_EXIT_CODE) checkpointed after SIGTERM/SIGUSR1, requeue me;
-3 (EXIT_NON_FINITE) stopped after `train.max_bad_steps` consecutive non-finite steps.
+3 (EXIT_NON_FINITE) stopped after `train.max_bad_steps` consecutive non-finite steps;
+4 (watchdog.EXIT_STARTUP_TIMEOUT) a start-up phase took longer than `train.startup_timeout_s`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +38,7 @@ from afb_scale.metrics.run_logger import RunLogger, Throughput, format_duration
 from afb_scale.metrics.stability import StabilityTracker
 from afb_scale.parallel import any_rank, init_distributed
 from afb_scale.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from afb_scale.watchdog import StartupWatchdog
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask")
 EXIT_NON_FINITE = 3
@@ -117,7 +120,10 @@ def run(cfg: Config, world_size: int) -> int:
     """Train according to a validated config; returns the process exit status."""
     t = cfg.train
     preemption = PreemptionFlag()  # first: a signal during start-up must not kill the job
-    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=t.seed)
+    watchdog = StartupWatchdog(t.startup_timeout_s)
+    with watchdog.phase("rendezvous"):
+        init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=t.seed)
+        dist.barrier()  # every rank is here: the groups work
     rank = dist.get_rank()
     print(f"afb-scale rank {rank}/{world_size} host={socket.gethostname()} "
           f"local_rank={os.environ.get('LOCAL_RANK', 0)}", flush=True)
@@ -128,14 +134,18 @@ def run(cfg: Config, world_size: int) -> int:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
-    dist.barrier()
-    plan = checkpoint.resume_plan(cfg, world_size, run_dir)
-    engine = Engine(cfg, world_size, initial_weights=plan.pop("weights", None) if plan else None)
+    with watchdog.phase("checkpoint discovery"):
+        dist.barrier()
+        plan = checkpoint.resume_plan(cfg, world_size, run_dir)
+    with watchdog.phase("engine build"):
+        engine = Engine(cfg, world_size, initial_weights=plan.pop("weights", None) if plan else None)
     G = t.global_batch_size
-    train_ds, valid_ds, _ = build_datasets(cfg, samples_needed(cfg))
+    with watchdog.phase("dataset build"):
+        train_ds, valid_ds, _ = build_datasets(cfg, samples_needed(cfg))
     dp_rank, dp = parallel_state.get_data_parallel_rank(), data_parallel_size(cfg, world_size)
 
-    state = checkpoint.load(engine, plan) if plan else {}
+    with watchdog.phase("checkpoint load"):
+        state = checkpoint.load(engine, plan) if plan else {}
     step = state.get("step", 0)
     consumed = state.get("consumed_samples", 0)
     log = RunLogger(run_dir, enabled=rank == 0, tensorboard=cfg.metrics.tensorboard, start_step=step)
@@ -176,6 +186,8 @@ def run(cfg: Config, world_size: int) -> int:
         metrics.close()
         return status
 
+    first_step = contextlib.ExitStack()  # closed once the first step's collectives completed
+    first_step.enter_context(watchdog.phase("first step"))
     first_val = evaluate(step) if step == 0 else None
     val_loss = first_val
     last_saved = step
@@ -193,6 +205,7 @@ def run(cfg: Config, world_size: int) -> int:
         bad = not loss_ok or (not result.applied and t.precision != "fp16")
         # One all-reduce agrees on both: a bad step anywhere, a signal on any rank.
         bad, preempted = any_rank(engine.device, bad, preemption.is_set)
+        first_step.close()
         metrics.write({"step": step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                        "loss_scale": result.loss_scale, "applied": result.applied, "consumed_samples": consumed})
         testing_hooks.kill_point("step", step)
