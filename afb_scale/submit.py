@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import yaml
+
 from afb_scale.config import ConfigError, _from_dict, read_with_overrides
 
 BODY_MARKER = "# ---- afb-scale body"
@@ -135,7 +137,19 @@ _RULES = {
     "gpu.gpu_bind": (r"(verbose,)?[a-z_]+(:[0-9A-Fa-fx,*]+)?", "an srun --gpu-bind value like closest"),
     "gpu.cpu_bind": (r"(verbose,)?[a-z_]+(:[0-9A-Fa-fx,*]+)?", "an srun --cpu-bind value like cores"),
 }
-_TIME_RE = re.compile(r"(\d+)|(\d+):(\d+)|(\d+):(\d+):(\d+)|(\d+)-(\d+)|(\d+)-(\d+):(\d+)|(\d+)-(\d+):(\d+):(\d+)")
+# Slurm's time formats (sbatch --time): the leading field is unbounded, the ones after it must be
+# in range. Each entry: the shape, and the names of its fields in order.
+_TIME_FORMATS = (
+    (re.compile(r"(\d+)"), ("minutes",)),
+    (re.compile(r"(\d+):(\d+)"), ("minutes", "seconds")),
+    (re.compile(r"(\d+):(\d+):(\d+)"), ("hours", "minutes", "seconds")),
+    (re.compile(r"(\d+)-(\d+)"), ("days", "hours")),
+    (re.compile(r"(\d+)-(\d+):(\d+)"), ("days", "hours", "minutes")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("days", "hours", "minutes", "seconds")),
+)
+_TIME_LIMITS = {"hours": 23, "minutes": 59, "seconds": 59}
+_TIME_HELP = ("use M, M:S, H:M:S, D-H, D-H:M or D-H:M:S (days-hours:minutes:seconds; the first field "
+              "has no upper bound, later minutes and seconds are 0-59 and hours after a day part 0-23)")
 _MOUNT_RE = re.compile(rf"/{_PATH_CHARS}*(:/{_PATH_CHARS}*(:[a-z,+]+)?)?")
 _ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OVERRIDE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]*=.*", re.S)
@@ -157,11 +171,18 @@ def _no_control(key: str, value: str) -> None:
 
 
 def _check_time(value: str) -> None:
-    if not _TIME_RE.fullmatch(value):
-        raise ConfigError(
-            f"time={value!r} is not a Slurm time limit; use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"
-        )
-    if not any(int(n) for n in re.findall(r"\d+", value)):
+    for pattern, names in _TIME_FORMATS:
+        m = pattern.fullmatch(value)
+        if m:
+            break
+    else:
+        raise ConfigError(f"time={value!r} is not a Slurm time limit; {_TIME_HELP}")
+    fields = [int(n) for n in m.groups()]
+    for name, n in list(zip(names, fields))[1:]:  # the leading field is unbounded
+        if n > _TIME_LIMITS[name]:
+            raise ConfigError(f"time={value!r} is not a Slurm time limit: {name} {n} is out of range "
+                              f"0-{_TIME_LIMITS[name]}; {_TIME_HELP}")
+    if not any(fields):
         raise ConfigError(f"time={value!r} must be longer than zero")
 
 
@@ -233,7 +254,25 @@ def _env_value(key: str, value: Any) -> str:
 
 def load_job(path: str | os.PathLike | None, overrides: list[str] = ()) -> ClusterJobConfig:
     """Load a cluster-job config (YAML with `include:`), apply key=value overrides, validate."""
-    data = read_with_overrides(path, overrides)
+    # YAML 1.1 reads an unquoted 1:30:00 as a base-60 number (5400) and 90 as an integer, so a
+    # time given on the command line is kept as the text that was typed.
+    raw_time, rest = None, []
+    for ov in overrides:
+        key, sep, raw = ov.partition("=")
+        if sep and key.strip() == "time":
+            raw_time = raw.strip()
+        else:
+            rest.append(ov)
+    data = read_with_overrides(path, rest)
+    if raw_time is not None:
+        try:
+            typed = yaml.safe_load(raw_time)
+        except yaml.YAMLError:
+            typed = None
+        data["time"] = typed if isinstance(typed, str) else raw_time
+    elif isinstance(data.get("time"), (int, float)) and not isinstance(data["time"], bool):
+        raise ConfigError(f"time={data['time']} in {path} is a number, not a Slurm time limit: quote it, "
+                          'e.g. time: "04:00:00" (YAML reads an unquoted 4:00:00 as 14400 seconds)')
     # `env` is a free mapping, which the typed loader does not handle: checked here instead.
     env = data.pop("env", None) or {}
     if not isinstance(env, dict):
