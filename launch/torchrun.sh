@@ -42,6 +42,15 @@
 # The agent reports any non-zero worker exit as its own status 1, so when a preemption signal
 # was received and torchrun failed, this script exits with AFB_REQUEUE_EXIT_CODE, the status the
 # Slurm batch script requeues on.
+#
+# Exit status: 0; 75 after a preemption signal (above); otherwise, when a worker failed, the exit
+# status of torchrun's "root cause" (the first worker that failed on this node) when it exited
+# with one (1-125), else torchrun's own. Bad input (a worker printed `error: ...` and exited 2):
+# torchrun prints its ChildFailedError report after the workers' output, so this script prints
+# the worker's error line again as the last line and exits 2. To do that the agent's stderr (its
+# own and its workers') passes through a small filter that copies it as it comes and remembers
+# the last `error: ` line and the root cause's status; the filter ignores INT, TERM and the
+# preemption signal, so it keeps copying until every writer has gone.
 # Signal handlers and the helper they call run from traps, which shellcheck cannot see.
 # shellcheck disable=SC2317
 set -euo pipefail
@@ -179,7 +188,64 @@ on_term() {
     fi
 }
 
-(trap '' "$PREEMPT_SIGNAL"; exec "${TORCHRUN[@]}") &
+# The stderr filter: copies stdin to stderr unchanged, chunk by chunk, and at end of input writes
+# two lines to FILE: the exit status of torchrun's root-cause worker (empty if none was
+# reported) and the last line that starts with "error: " (empty if none).
+STDERR_FILTER='
+import os, re, signal, sys
+for name in ("SIGINT", "SIGTERM", "SIGHUP", "SIG" + os.environ.get("AFB_PREEMPT_SIGNAL", "USR1")):
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+code, first_code, error, in_root, pending = "", "", b"", False, b""
+exit_re = re.compile(rb"\s*exitcode\s*:\s*(-?\d+)|.*failed \(exitcode: (-?\d+)\)")
+
+def scan(line):
+    global code, first_code, error, in_root
+    line = line.rstrip(b"\r")
+    if line.startswith(b"error: "):
+        error = line
+    if b"Root Cause" in line:
+        in_root = True
+    m = exit_re.match(line)
+    if m:
+        value = (m.group(1) or m.group(2)).decode()
+        first_code = first_code or value
+        if in_root and not code:
+            code = value
+
+while True:
+    try:
+        chunk = os.read(0, 65536)
+    except InterruptedError:
+        continue
+    if not chunk:
+        break
+    view = memoryview(chunk)
+    while view:
+        try:
+            view = view[os.write(2, view):]
+        except OSError:  # our stderr is gone: keep reading, so that no writer gets EPIPE
+            break
+    *lines, pending = (pending + chunk).split(b"\n")
+    for line in lines:
+        scan(line)
+scan(pending)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write((code or first_code) + "\n" + error.decode("utf-8", "replace") + "\n")
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+'
+FILTER_PID=""
+AFB_TMP=$(mktemp -d "${TMPDIR:-/tmp}/afb-launch.XXXXXX" 2>/dev/null) || AFB_TMP=""
+if [ -n "$AFB_TMP" ] && mkfifo "$AFB_TMP/stderr" 2>/dev/null; then
+    trap 'rm -rf "$AFB_TMP"' EXIT
+    (trap '' INT TERM HUP "$PREEMPT_SIGNAL"; exec "${AFB_PYTHON:-python}" -c "$STDERR_FILTER" "$AFB_TMP/summary") \
+        <"$AFB_TMP/stderr" &
+    FILTER_PID=$!
+    (trap '' "$PREEMPT_SIGNAL"; exec "${TORCHRUN[@]}") 2>"$AFB_TMP/stderr" &
+else
+    echo "afb-launch node=$NODE_NAME: no temporary directory for the stderr filter; running torchrun unfiltered" >&2
+    (trap '' "$PREEMPT_SIGNAL"; exec "${TORCHRUN[@]}") &
+fi
 AGENT_PID=$!
 trap on_preempt "$PREEMPT_SIGNAL"
 trap on_term TERM
@@ -198,10 +264,32 @@ while :; do
         break
     fi
 done
+
+# The filter ends once every writer of the agent's stderr has gone (the agent stops its workers
+# before it exits). A worker that outlived its agent would hold it open: wait a bounded time.
+root_code="" error_line=""
+if [ -n "$FILTER_PID" ]; then
+    for _ in $(seq 300); do
+        kill -0 "$FILTER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [ -f "$AFB_TMP/summary" ]; then
+        { IFS= read -r root_code; IFS= read -r error_line; } <"$AFB_TMP/summary" || true
+    fi
+fi
 set -e
 
 if [ "$PREEMPTED" -eq 1 ] && [ "$rc" -ne 0 ]; then
     echo "afb-launch node=$NODE_NAME: torchrun exited $rc after preemption; exiting $REQUEUE_EXIT_CODE (requeue)"
     exit "$REQUEUE_EXIT_CODE"
+fi
+if [ "$rc" -ne 0 ] && [ "$root_code" = 2 ] && [ -n "$error_line" ]; then
+    # Bad input: the one line that says what to fix comes last, after torchrun's report.
+    echo "afb-launch node=$NODE_NAME: a worker rejected its input (exit status 2); its error, again:" >&2
+    printf '%s\n' "$error_line" >&2
+    exit 2
+fi
+if [ "$rc" -ne 0 ] && [[ "$root_code" =~ ^[0-9]+$ ]] && [ "$root_code" -ge 1 ] && [ "$root_code" -le 125 ]; then
+    exit "$root_code"
 fi
 exit "$rc"

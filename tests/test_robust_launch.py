@@ -9,7 +9,7 @@ import pytest
 
 from afb_scale import submit
 from afb_scale.config import ConfigError
-from launch_support import REPO, job_env
+from launch_support import REPO, job_env, wait_for_text
 
 EXAMPLE = REPO / "configs" / "cluster" / "example.yaml"
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
@@ -69,3 +69,84 @@ def test_submit_main_rejects_a_bad_time_in_one_line_and_writes_nothing(tmp_path,
     assert err.startswith("afb-scale submit: error: time='25:99:99' is not a Slurm time limit"), err
     assert "\n" not in err and "Traceback" not in err and cap.out == ""
     assert not (tmp_path / "logs").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# B. Bad input under launch/torchrun.sh: the worker's `error:` line is the last thing printed
+
+
+def torchrun_sh(command: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = job_env(NPROC_PER_NODE=str(nproc), AFB_PYTHON=sys.executable)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "RDZV_ID", "RDZV_BACKEND", "SLURM_JOB_ID",
+              "SLURM_STEP_ID", "SLURM_NODEID"):
+        env.pop(k, None)
+    # stdout and stderr in one stream, as a terminal or a Slurm log shows them.
+    return subprocess.run(["bash", str(TORCHRUN_SH), *command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def train(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml", *overrides]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=-1", "error: model.hidden_size=-1 must be >= 1"),
+    ("parallel.tensor=3", "error: world size 2 is not a multiple of parallel.tensor"),
+])
+def test_bad_override_ends_with_the_error_line_and_status_2(override, message):
+    r = torchrun_sh(train(override))
+    lines = r.stdout.rstrip("\n").splitlines()
+    assert r.returncode == 2, r.stdout[-4000:]
+    assert lines[-1].startswith(message), r.stdout[-4000:]
+    # torchrun's own report is still there, before it.
+    assert "ChildFailedError" in r.stdout
+
+
+# A worker that exits with a given status (after an `error:` line for 2), or dies of SIGKILL.
+WORKER = r"""
+import os, signal, sys
+how = sys.argv[1]
+if how == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if how == "2":
+    print("error: probe.value=7 must be < 5", file=sys.stderr, flush=True)
+sys.exit(int(how))
+"""
+
+
+@pytest.mark.parametrize("how, status", [("2", 2), ("3", 3), ("kill", 1)])
+def test_worker_status_is_the_launchers_status(how, status):
+    """The first failed worker's status is the launcher's (torchrun itself says 1 for any failure);
+    a worker killed by a signal leaves torchrun's 1."""
+    r = torchrun_sh([sys.executable, "-c", WORKER, how], nproc=1, timeout=120)
+    assert r.returncode == status, r.stdout[-4000:]
+    last = r.stdout.rstrip("\n").splitlines()[-1]
+    if how == "2":
+        assert last == "error: probe.value=7 must be < 5"
+    else:
+        assert not last.startswith("error:")
+
+
+def test_stderr_still_streams_through_the_launcher(tmp_path):
+    """The filter copies stderr as it comes: a worker's stderr line is readable before it exits."""
+    marker = tmp_path / "seen"
+    code = ("import sys, time, pathlib\nprint('progress line', file=sys.stderr, flush=True)\n"
+            f"p = pathlib.Path({str(marker)!r})\n"
+            "deadline = time.time() + 60\n"
+            "while not p.exists() and time.time() < deadline: time.sleep(0.1)\n"
+            "sys.exit(0 if p.exists() else 1)\n")
+    env = job_env(NPROC_PER_NODE="1", AFB_PYTHON=sys.executable)
+    for k in ("MASTER_ADDR", "NNODES", "NODE_RANK", "RDZV_ID", "RDZV_BACKEND", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        env.pop(k, None)
+    log = tmp_path / "log"
+    with open(log, "w") as f:
+        p = subprocess.Popen(["bash", str(TORCHRUN_SH), sys.executable, "-c", code], cwd=REPO, env=env,
+                             stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_for_text(log, ["progress line"], timeout=60, proc_alive=lambda: p.poll() is None)
+        marker.touch()
+        assert p.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
