@@ -84,11 +84,11 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     runs = {Path(r).name: Path(r) for r in run_dirs}
     missing = [str(p) for p in runs.values() if not (p / "tensorboard").is_dir()]
-    if missing:
+    if missing:  # checked before anything is written
         raise FileNotFoundError(f"no TensorBoard events under {', '.join(missing)}")
+    out.mkdir(parents=True, exist_ok=True)
     scalars = {name: load_scalars(path) for name, path in runs.items()}
     summaries = {name: summarize(path) for name, path in runs.items()}
     for filename, (tag, title) in PLOTS.items():
