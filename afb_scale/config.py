@@ -334,6 +334,8 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None) -> None:
     """Every rule a run must satisfy, checked before any process group starts."""
     p, t = cfg.parallel, cfg.train
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size} must be >= 1 (the number of processes: WORLD_SIZE or --world-size)")
     for key in ("tensor", "pipeline"):
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key}={getattr(p, key)} must be >= 1")
