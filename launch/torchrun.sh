@@ -21,8 +21,9 @@
 #                   MASTER_ADDR; static when NODE_RANK is set; c10d otherwise.
 #   NODE_RANK       this node's rank for the static rendezvous (default: SLURM_NODEID)
 #   RDZV_ID         rendezvous id for c10d; all agents of one job must agree (default: SLURM_JOB_ID)
-#   MAX_RESTARTS    torchrun --max-restarts (default 0: a failed worker fails the job, so a
-#                   scheduler requeue, not an in-place restart, is the recovery path)
+#   MAX_RESTARTS    torchrun --max-restarts (default 0: a failed worker fails this agent; under
+#                   Slurm the batch script then re-runs the whole step from the newest complete
+#                   checkpoint, see launch/slurm/train.sbatch)
 #   AFB_PYTHON      interpreter that runs torch.distributed.run (default python)
 #   AFB_PREEMPT_SIGNAL  the preemption signal, USR1 (see "Signals" below)
 #   AFB_REQUEUE_EXIT_CODE  status meaning "checkpointed, please requeue" (75, EX_TEMPFAIL)
@@ -54,6 +55,10 @@
 # Signal handlers and the helper they call run from traps, which shellcheck cannot see.
 # shellcheck disable=SC2317
 set -euo pipefail
+# The whole script is one compound command ({ ... } below), which bash reads completely before it
+# runs any of it: a checkout updated while a job runs (git pull) cannot change this script under
+# an agent that is still waiting for its workers.
+{
 
 if [ "$#" -eq 0 ]; then
     echo "usage: launch/torchrun.sh COMMAND [ARGS...]" >&2
@@ -293,3 +298,4 @@ if [ "$rc" -ne 0 ] && [[ "$root_code" =~ ^[0-9]+$ ]] && [ "$root_code" -ge 1 ] &
     exit "$root_code"
 fi
 exit "$rc"
+}

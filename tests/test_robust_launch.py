@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -150,3 +151,32 @@ def test_stderr_still_streams_through_the_launcher(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_launcher_survives_its_file_changing_while_it_runs(tmp_path):
+    """A checkout updated (git pull) while agents run: bash reads a script as it goes, unless the
+    script is one compound command. Here the launcher's file is rewritten mid-run."""
+    script = tmp_path / "torchrun.sh"
+    original = TORCHRUN_SH.read_text()
+    script.write_text(original)
+    started = tmp_path / "started"
+    code = (f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(3)\n")
+    env = job_env(NPROC_PER_NODE="1", AFB_PYTHON=sys.executable)
+    for k in ("MASTER_ADDR", "NNODES", "NODE_RANK", "RDZV_ID", "RDZV_BACKEND", "SLURM_JOB_ID", "SLURM_STEP_ID"):
+        env.pop(k, None)
+    p = subprocess.Popen(["bash", str(script), sys.executable, "-c", code], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        # Same file, more comment lines near the top: every later byte moves.
+        lines = original.splitlines(keepends=True)
+        script.write_text("".join(lines[:3] + ["# an added comment line\n"] * 7 + lines[3:]))
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, out[-3000:]
+    assert "syntax error" not in out
