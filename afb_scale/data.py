@@ -11,7 +11,9 @@ GPT-2/3 recipe; the end-of-document token separates them and is a prediction tar
 Everything that can be wrong with the data is checked before megatron-core touches it, with
 one-line `ConfigError`s: the tokenizer's vocabulary against `model.vocab_size`, each `.bin`/`.idx`
 pair for truncation or mismatch, the dataset's tokenizer against the configured one, and a split
-that would leave a needed split without documents (megatron-core would loop forever on it).
+that would leave a needed split without documents or with fewer tokens than one sample. A split
+asked for no samples (the test split in training) is not built at all: megatron-core would build
+it from its share of `data.split` and, were that share 0 documents, loop forever.
 
 Distributed use: call `build_datasets` on every rank after torch.distributed is initialised.
 megatron-core builds the shuffling indices on rank 0, caches them under `data.cache_dir`
@@ -47,6 +49,10 @@ from data_prep.tokenizer import load_tokenizer
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.indexed_dataset import DType
     from megatron.core.datasets.utils import Split
@@ -126,6 +132,13 @@ def validate_prepared_dataset(prefix: str | os.PathLike, tokenizer_sha256: Optio
     """The number of documents in `<prefix>.bin`/`.idx`, after checking that both exist and
     agree and, given `tokenizer_sha256`, that the dataset's metadata (if present) names that
     tokenizer. A one-line ConfigError naming the file otherwise."""
+    return _validated_dataset(prefix, tokenizer_sha256)[0]
+
+
+def _validated_dataset(prefix: str | os.PathLike, tokenizer_sha256: Optional[str] = None) -> tuple[int, np.ndarray]:
+    """`validate_prepared_dataset`'s checks; returns the number of documents and the token count
+    of every sequence (data_prep writes one sequence per document; megatron-core's GPTDataset
+    divides the sequences into the train/valid/test splits)."""
     prefix = os.fspath(prefix)
     idx_path, bin_path = Path(prefix + ".idx"), Path(prefix + ".bin")
     for path in (idx_path, bin_path):
@@ -166,7 +179,7 @@ def validate_prepared_dataset(prefix: str | os.PathLike, tokenizer_sha256: Optio
                 f"(sha256 {recorded[:12]} vs {tokenizer_sha256[:12]}, see {meta.name}); re-tokenize it "
                 "or point data.tokenizer at the tokenizer it was made with"
             )
-    return documents - 1
+    return documents - 1, lengths
 
 
 @contextmanager
@@ -198,17 +211,45 @@ def _parse_split(split: str) -> list[float]:
     return weights
 
 
-def _check_split_documents(prefix: str, split: str, documents: int, num_samples: Sequence[int]) -> None:
-    """Every split that is asked for samples must get at least one document, as megatron-core
-    divides them (indexed document ranges rounded from the split fractions)."""
-    weights = _parse_split(split)
-    bounds = np.concatenate([[0.0], np.cumsum(weights) / sum(weights)])
-    for i, name in enumerate(s.name for s in Split):
-        count = int(round(bounds[i + 1] * documents)) - int(round(bounds[i] * documents))
-        if num_samples[i] > 0 and weights[i] > 0 and count == 0:
+def split_matrix(split: str, num_samples: Sequence[int]) -> list[Optional[tuple[float, float]]]:
+    """megatron-core's split matrix for `data.split` (each split's [begin, end) fraction of a
+    dataset's documents, None for no share), with None also for every split asked for no
+    samples: megatron-core builds every split the matrix names, and one of 0 documents it asks
+    for 0 samples of loops forever (GPTDataset._get_num_epochs while its epoch holds 0 tokens).
+    The other splits keep their documents: the bounds come from the whole split string."""
+    _parse_split(split)  # a malformed one is a ConfigError
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [bounds if n > 0 else None for bounds, n in zip(matrix, num_samples)]
+
+
+def _check_splits(prefix: str, split: str, lengths: np.ndarray, num_samples: Sequence[int], seq_length: int) -> None:
+    """Every split megatron-core will build (see `split_matrix`) must exist in `data.split` and
+    get documents holding at least one sample's tokens (seq_length + 1), divided as megatron-core
+    divides them: sequence ranges rounded from the split fractions (GPTDataset splits by sequence;
+    data_prep writes one per document)."""
+    count_all = len(lengths)
+    built = split_matrix(split, num_samples)
+    for i, (name, bounds) in enumerate(zip((s.name for s in Split), built)):
+        if num_samples[i] == 0:
+            continue
+        if bounds is None:
             raise ConfigError(
-                f"data.split={split!r} gives the {name} split 0 of the {documents} documents in "
+                f"data.split={split!r} gives the {name} split no share but {num_samples[i]} {name} samples are "
+                f"needed; give the {name} split a share, e.g. data.split='949,50,1'"
+            )
+        begin, end = (int(round(b * float(count_all))) for b in bounds)
+        documents = end - begin
+        tokens = int(lengths[begin:end].sum(dtype=np.int64))
+        if documents == 0:
+            raise ConfigError(
+                f"data.split={split!r} gives the {name} split 0 of the {count_all} documents in "
                 f"{prefix!r}; use a corpus with more documents or a larger {name} share"
+            )
+        if tokens < seq_length + 1:
+            raise ConfigError(
+                f"data.split={split!r} gives the {name} split {documents} of the {count_all} documents in "
+                f"{prefix!r}, holding {tokens} tokens, fewer than the {seq_length + 1} one sample needs "
+                f"(model.seq_length={seq_length} + 1); use a larger {name} share, more data or a smaller model.seq_length"
             )
 
 
@@ -232,8 +273,8 @@ def check_prepared_data(cfg: Config, num_samples: Optional[tuple[int, int, int]]
     check_tokenizer_vocab(data.tokenizer, cfg.model.vocab_size)
     tokenizer = SentencePieceGPTTokenizer(data.tokenizer)
     for entry in data.datasets:
-        documents = validate_prepared_dataset(entry.prefix, tokenizer.sha256)
-        _check_split_documents(entry.prefix, data.split, documents, num_samples)
+        _, lengths = _validated_dataset(entry.prefix, tokenizer.sha256)
+        _check_splits(entry.prefix, data.split, lengths, num_samples, cfg.model.seq_length)
     return tokenizer
 
 
@@ -241,7 +282,7 @@ def build_datasets(
     cfg: Config, num_samples: tuple[int, int, int]
 ) -> tuple[Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset], Optional[torch.utils.data.Dataset]]:
     """(train, valid, test) datasets of at least `num_samples` samples each (None for a split
-    with no share in `data.split`). Call on every rank; see the module docstring."""
+    asked for 0 samples). Call on every rank; see the module docstring."""
     data = cfg.data
     tokenizer = check_prepared_data(cfg, num_samples)
 
@@ -260,6 +301,9 @@ def build_datasets(
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    # Only the splits asked for samples: megatron-core would build (and, with 0 documents, hang
+    # on) every split with a share. The cache key includes this matrix; the samples do not change.
+    config.split_matrix = split_matrix(data.split, num_samples)
     # Every rank gets the datasets: the data-parallel ranks read different samples of them, and
     # tensor/pipeline ranks that need no data simply never index them.
     builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
