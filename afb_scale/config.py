@@ -15,6 +15,7 @@ non-zero exit, never a half-started job.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -31,6 +32,14 @@ ATTENTION_KINDS = ("sdpa", "local")
 
 class ConfigError(ValueError):
     """A configuration value is not allowed. The message is one line naming key, value, rule."""
+
+
+# Upper bounds on model sizes: far beyond any model this code trains (GPT-3 175B: 96 layers,
+# hidden 12288, seq 2048), low enough that a typo (model.seq_length=1e8) is an error, not an
+# allocation that takes the machine down.
+MODEL_MAXIMA = {"num_layers": 2**10, "hidden_size": 2**17, "num_attention_heads": 2**10, "seq_length": 2**20,
+                "vocab_size": 2**24, "feedback_rank": 2**17, "make_vocab_size_divisible_by": 2**16}
+FFN_HIDDEN_MAX = 2**20
 
 
 @dataclass
@@ -305,6 +314,16 @@ def validate_model(m: ModelConfig, tensor_parallel: int = 1) -> None:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
     if m.feedback_rank < 1:
         raise ConfigError(f"model.feedback_rank={m.feedback_rank} must be >= 1")
+    if m.make_vocab_size_divisible_by < 1:
+        raise ConfigError(f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by} must be >= 1")
+    for key, most in MODEL_MAXIMA.items():
+        if getattr(m, key) > most:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be between 1 and {most} (2**{most.bit_length() - 1})")
+    if not 0 < m.init_method_std < math.inf:
+        raise ConfigError(f"model.init_method_std={m.init_method_std} must be a finite number > 0")
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0 <= getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be in [0, 1)")
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} must be divisible by "
@@ -313,6 +332,8 @@ def validate_model(m: ModelConfig, tensor_parallel: int = 1) -> None:
     f = m.resolved_ffn_hidden_size
     if f < 1:
         raise ConfigError(f"model.ffn_hidden_size={f} must be >= 1")
+    if f > FFN_HIDDEN_MAX:
+        raise ConfigError(f"model.ffn_hidden_size={f} must be between 1 and {FFN_HIDDEN_MAX} (2**20)")
     t = tensor_parallel
     if f % t:
         raise ConfigError(f"model.ffn_hidden_size={f} must be divisible by parallel.tensor={t}")
@@ -325,6 +346,42 @@ def validate_model(m: ModelConfig, tensor_parallel: int = 1) -> None:
             f"padded vocabulary {m.padded_vocab_size} (model.make_vocab_size_divisible_by="
             f"{m.make_vocab_size_divisible_by}) must be divisible by parallel.tensor={t}"
         )
+
+
+def _check_directory(key: str, value: str) -> None:
+    """`value` names a directory a run may create or use: not a file, nor inside one."""
+    if not value:
+        raise ConfigError(f"{key}={value!r} must name a directory")
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}={value!r} is a file; it must be a directory (an existing one, or one to create)")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{key}={value!r} cannot be created: {str(parent)!r} is a file, not a directory")
+            break
+
+
+def _check_train_numbers(t: TrainConfig) -> None:
+    """Optimizer and schedule numbers in their meaningful ranges (NaN and infinity are refused)."""
+    if not 0 < t.lr < math.inf:
+        raise ConfigError(f"train.lr={t.lr} must be a finite number > 0")
+    if not 0 <= t.min_lr < math.inf:
+        raise ConfigError(f"train.min_lr={t.min_lr} must be a finite number >= 0 (and at most train.lr)")
+    for key in ("weight_decay", "clip_grad"):
+        if not 0 <= getattr(t, key) < math.inf:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be a finite number >= 0"
+                              + (" (0: no clipping)" if key == "clip_grad" else ""))
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be in [0, 1)")
+    if not 0 < t.adam_eps < math.inf:
+        raise ConfigError(f"train.adam_eps={t.adam_eps} must be a finite number > 0")
+    for key in ("global_batch_size", "eval_iters", "log_interval", "eval_interval"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 1")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError(f"train.seed={t.seed} must be between 0 and {2**32 - 1} (numpy's seed range)")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -359,6 +416,7 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
     dp = data_parallel_size(cfg, world_size)
     if t.micro_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
+    _check_train_numbers(t)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} must be a multiple of "
@@ -370,8 +428,10 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
         raise ConfigError(f"train.save_interval={t.save_interval} must be >= 1")
     if t.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={t.keep_checkpoints} must be >= 0 (0 keeps every checkpoint)")
-    if t.startup_timeout_s <= 0:
+    if not t.startup_timeout_s > 0:
         raise ConfigError(f"train.startup_timeout_s={t.startup_timeout_s} must be > 0 seconds")
+    if math.isinf(t.startup_timeout_s):
+        raise ConfigError(f"train.startup_timeout_s={t.startup_timeout_s} must be a finite number of seconds")
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
     if not 0 <= t.warmup_steps <= t.steps:
@@ -407,3 +467,17 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
             raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
     if cfg.data.datasets and total <= 0:
         raise ConfigError("data.datasets weights must sum to a positive number")
+    mt = cfg.metrics
+    if mt.layer_metrics_interval < 0:
+        raise ConfigError(f"metrics.layer_metrics_interval={mt.layer_metrics_interval} must be >= 0 (0 = off)")
+    if mt.grad_norm_window < 1:
+        raise ConfigError(f"metrics.grad_norm_window={mt.grad_norm_window} must be >= 1")
+    if not 0 < mt.loss_spike_factor < math.inf:
+        raise ConfigError(f"metrics.loss_spike_factor={mt.loss_spike_factor} must be a finite number > 0")
+    # The run directory: created by rank 0 at start, so it must be a directory or creatable.
+    _check_directory("train.run_dir", t.run_dir)
+    if (Path(t.run_dir) / "checkpoints").exists() and not (Path(t.run_dir) / "checkpoints").is_dir():
+        raise ConfigError(f"train.run_dir={t.run_dir!r} holds a file 'checkpoints' where its checkpoint "
+                          "directory belongs; move the file away or use another train.run_dir")
+    if cfg.data.cache_dir is not None:
+        _check_directory("data.cache_dir", cfg.data.cache_dir)
