@@ -99,12 +99,19 @@ class ClusterJobConfig:
     signal_seconds: int = 300
     requeue: bool = True
     max_requeues: int = 50
+    # Re-run a failed training step in the same allocation up to this many times when the run
+    # directory has a complete checkpoint (the trainer resumes from it); 0: never.
+    step_retries: int = 3
     # Seconds the other tasks of the step get once one has ended (srun --wait).
     step_wait: int = 120
     log_dir: str = "logs"
     run_root: str = "runs"
-    # Append train.run_dir=<run_root>/<job_name>-<job id> to the command.
+    # Append train.run_dir=<run_root>/<job_name> (sweeps: <job_name>_<task>) to the command: the
+    # same directory for every job of this name, so submitting the job again continues its run,
+    # and #SBATCH --dependency=singleton keeps two such jobs from running at once.
     append_run_dir: bool = True
+    # true: <run_root>/<job_name>-<job id> instead, a fresh run for every job (no singleton).
+    run_dir_per_job: bool = False
     command: list[str] = field(default_factory=lambda: ["afb-scale", "train", "--config", "configs/quickstart.yaml"])
     # A sweep: one list of config overrides per array task (e.g. [["train.lr=1e-3"], ...]).
     sweep: list[list[str]] = field(default_factory=list)
@@ -189,7 +196,7 @@ def _check_time(value: str) -> None:
 def validate_job(cfg: ClusterJobConfig) -> None:
     """Every rule of a cluster job, checked before a script is written. Raises ConfigError."""
     for key, lo in (("nodes", 1), ("cpus_per_task", 1), ("gpus_per_node", 0), ("signal_seconds", 0),
-                    ("max_requeues", 0), ("step_wait", 0)):
+                    ("max_requeues", 0), ("step_wait", 0), ("step_retries", 0)):
         if _get(cfg, key) < lo:
             raise ConfigError(f"{key}={_get(cfg, key)} must be >= {lo}")
     if cfg.nproc_per_node is not None and cfg.nproc_per_node < 1:
@@ -304,6 +311,11 @@ def nproc_per_node(cfg: ClusterJobConfig) -> int:
     return cfg.nproc_per_node or cfg.gpus_per_node or 1
 
 
+def shared_run_dir(cfg: ClusterJobConfig) -> bool:
+    """Whether every job of this name appends the same run directory to its command."""
+    return cfg.append_run_dir and not cfg.run_dir_per_job
+
+
 def sbatch_options(cfg: ClusterJobConfig, repo: Path) -> list[str]:
     """The #SBATCH options; every value has passed validate_job's syntax rules."""
     opts = [f"--job-name={cfg.job_name}", f"--nodes={cfg.nodes}",
@@ -325,6 +337,9 @@ def sbatch_options(cfg: ClusterJobConfig, repo: Path) -> list[str]:
         # B: only the batch shell gets the signal; its trap forwards it to the training step.
         opts.append(f"--signal=B:USR1@{cfg.signal_seconds}")
     opts.append("--requeue" if cfg.requeue else "--no-requeue")
+    if shared_run_dir(cfg) and not cfg.sweep:
+        # One run directory per job name: a job submitted again waits for the previous one.
+        opts.append("--dependency=singleton")
     if cfg.sweep:
         spec = f"0-{len(cfg.sweep) - 1}"
         if cfg.array_parallel:
@@ -414,6 +429,8 @@ def render(cfg: ClusterJobConfig, repo: str | os.PathLike, source: str = "") -> 
         "AFB_RDZV": cfg.rendezvous,
         "AFB_RUN_ROOT": cfg.run_root,
         "AFB_APPEND_RUN_DIR": "1" if cfg.append_run_dir else "0",
+        "AFB_RUN_DIR_PER_JOB": "1" if cfg.run_dir_per_job else "0",
+        "AFB_STEP_RETRIES": str(cfg.step_retries),
         "AFB_REQUEUE": "1" if cfg.requeue else "0",
         "AFB_MAX_REQUEUES": str(cfg.max_requeues),
         "AFB_STEP_WAIT": str(cfg.step_wait),
