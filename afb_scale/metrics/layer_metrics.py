@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +27,34 @@ class LayerStats:
     mean_activation: torch.Tensor  # [f] on CPU, mean over tokens of the hidden activation a
 
 
+# Where a transformer layer sits, as reshard.canonical_name reads parameter names: GPTModel's
+# `decoder.layers.k` (0-based; GPTModel is only ever one pipeline stage here) and PipelineModule's
+# `i.layer` (index i in 1..L is layer i).
+_GPT_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)$")
+_PIPE_LAYER = re.compile(r"^(\d+)\.layer$")
+
+
+def transformer_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Transformer layers by `layerNN`, the global 1-based number, the same under any pipeline split.
+
+    Not from `layer_number`: a pipeline stage builds its layers with global numbers
+    (model/pipeline.py) and megatron-core adds its own pipeline offset on top, so layer 3 of 4 on
+    stage 1 of 2 reads 5. The module path is used where it is known; the attribute otherwise.
+    """
+    out = {}
+    for path, m in model.named_modules():
+        if not hasattr(m, "layer_number") or not hasattr(m, "mlp"):
+            continue
+        gpt, pipe = _GPT_LAYER.search(path), _PIPE_LAYER.match(path)
+        number = int(gpt.group(1)) + 1 if gpt else int(pipe.group(1)) if pipe else m.layer_number
+        out[f"layer{number:02d}"] = m
+    return out
+
+
 def afb_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """AFB layers by name: `layerNN` (global layer number, the same under any pipeline split)
-    inside a transformer, else the module path."""
-    by_layer = {
-        f"layer{m.layer_number:02d}": m.mlp
-        for m in model.modules()
-        if hasattr(m, "layer_number") and isinstance(getattr(m, "mlp", None), AFBMLP)
-    }
+    """AFB layers by name: `layerNN` (see transformer_layers) inside a transformer, else the
+    module path."""
+    by_layer = {name: t.mlp for name, t in transformer_layers(model).items() if isinstance(t.mlp, AFBMLP)}
     return by_layer or {n: m for n, m in model.named_modules() if isinstance(m, (AFBMLP, ReferenceAFBFFN))}
 
 
