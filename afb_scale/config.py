@@ -161,6 +161,10 @@ class DataConfig:
 class MetricsConfig:
     # Layer metrics (gate entropy, bias-correction ratio, activation drift) every N steps; 0 = off.
     layer_metrics_interval: int = 50
+    # NerVE spectral diagnostics of every FFN layer (metrics/spectral.py, docs/spectral.md) every N
+    # steps; 0 = off; null = every train.eval_interval (the default: sparse, and as sparse as
+    # validation on big runs, where each costs two D x D eigendecompositions per layer).
+    spectral_interval: Optional[int] = None
     grad_norm_window: int = 100
     loss_spike_factor: float = 2.0
     tensorboard: bool = True
@@ -459,6 +463,9 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
         raise ConfigError(
             "train.precision=fp16 needs a GPU and none is available; use train.precision=fp32 or bf16 on CPU"
         )
+    if cfg.metrics.spectral_interval is not None and cfg.metrics.spectral_interval < 0:
+        raise ConfigError(f"metrics.spectral_interval={cfg.metrics.spectral_interval} must be >= 0 "
+                          "(0 = off, null = every train.eval_interval)")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1, not parallel.tensor={p.tensor}")
     total = sum(d.weight for d in cfg.data.datasets)
