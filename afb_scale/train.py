@@ -35,6 +35,7 @@ from afb_scale.config import Config, data_parallel_size, dump_config
 from afb_scale.engine import Engine
 from afb_scale.metrics.layer_metrics import ActivationDrift, collect_layer_stats, reduce_layer_stats
 from afb_scale.metrics.run_logger import RunLogger, Throughput, format_duration
+from afb_scale.metrics.spectral import probe_spectral_metrics, spectral_due
 from afb_scale.metrics.stability import StabilityTracker
 from afb_scale.parallel import any_rank, init_distributed
 from afb_scale.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
@@ -175,6 +176,8 @@ def run(cfg: Config, world_size: int) -> int:
         metrics.write({"step": step, "val_loss": val_loss, "val_token_accuracy": acc})
         if cfg.model.is_afb and cfg.metrics.layer_metrics_interval:
             log.scalars(step, _layer_metrics(engine, probe, drift))
+        if step == 0 and spectral_due(step, cfg.metrics.spectral_interval, t.eval_interval):  # later: the loop
+            log.scalars(step, probe_spectral_metrics(engine, probe))
         return val_loss
 
     def save() -> None:
@@ -237,6 +240,8 @@ def run(cfg: Config, world_size: int) -> int:
         if cfg.metrics.layer_metrics_interval and cfg.model.is_afb and step % cfg.metrics.layer_metrics_interval == 0 \
                 and step % t.eval_interval != 0:
             log.scalars(step, _layer_metrics(engine, probe, drift))
+        if spectral_due(step, cfg.metrics.spectral_interval, t.eval_interval):
+            log.scalars(step, probe_spectral_metrics(engine, probe))
         if step % t.eval_interval == 0 or step == t.steps:
             val_loss = evaluate(step)
         # No checkpoint inside a run of bad steps: the last good one stays the newest.
