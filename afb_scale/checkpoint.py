@@ -8,7 +8,8 @@ Layout of `<run_dir>/checkpoints/`:
         rng/rank00000.pt ...            every rank's python / numpy / torch (/ CUDA) RNG states
         consolidated/model-stage*.safetensors   the model in full fp32 tensors (reshard.py)
         config.yaml                     the run's config
-        COMPLETE                        written last: JSON with every file's size and sha256
+        COMPLETE                        written last: JSON with every file's size and sha256,
+                                        the layout and the model section of the config
     latest                              the newest complete tag, replaced atomically after COMPLETE
 
 A save (collective, `save`): rank 0 clears any leftover directory of the same tag; every rank
@@ -21,9 +22,13 @@ moment leaves either a complete checkpoint or a directory without COMPLETE.
 A load (collective, `load_latest`) trusts nothing: it walks the tags newest first, checks the
 marker, every listed file's presence, size and sha256 (hashing spread over the ranks), and
 skips a bad one with one line, `skipping checkpoint <tag>: <reason>`, in favour of the next
-older. In the layout that wrote it the checkpoint is restored through DeepSpeed's own loader
-plus the RNG states: the run continues bit for bit. In another TP/PP/DP/ZeRO layout the model
-is loaded from the consolidated tensors (see reshard.py: optimizer moments restart).
+older. A config whose model differs from the checkpoint's in a setting its weights are tied to
+(shapes, FFN kind, vocabulary, ...) ends in one line naming the key and both values, before any
+engine is built (`check_model_matches`; checkpoints from before the marker recorded the model are
+compared with their config.yaml). In the layout that wrote it the checkpoint is restored
+through DeepSpeed's own loader plus the RNG states: the run continues bit for bit. In another
+TP/PP/DP/ZeRO layout the model is loaded from the consolidated tensors (see reshard.py:
+optimizer moments restart).
 
 The data order is a pure function of `consumed_samples` (train.rank_micro_batches), which the
 client state carries, so a resumed run neither repeats nor skips a sample.
@@ -31,6 +36,7 @@ client state carries, so a resumed run neither repeats nor skips a sample.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -189,6 +195,7 @@ def save(engine, run_dir: str | Path, step: int, consumed_samples: int, extra: d
         marker = {
             "format": FORMAT, "tag": tag, "step": step, "consumed_samples": consumed_samples,
             "layout": layout_of(cfg, world), "consolidated": cfg.train.save_consolidated,
+            "model": dataclasses.asdict(cfg.model),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {name: described[name] for name in files},
         }
@@ -292,16 +299,100 @@ def find_complete(run_dir: str | Path, announce=_print0) -> Optional[tuple[Path,
     return None
 
 
+# ----------------------------------------------------------------------------------------------
+# The model a checkpoint holds
+
+
+def _yaml_value(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _model_identity(m) -> list[tuple[str, object, str]]:
+    """(key, value compared, value shown) of every model setting a checkpoint's weights are tied
+    to, in the order a difference is reported. Settings without parameters (dropout, init std,
+    attention kernel) may change on resume; seq_length only with learned position embeddings."""
+    out = [("ffn_kind", m.ffn_kind, m.ffn_kind), ("num_layers", m.num_layers, m.num_layers),
+           ("hidden_size", m.hidden_size, m.hidden_size),
+           ("num_attention_heads", m.num_attention_heads, m.num_attention_heads),
+           ("ffn_hidden_size", m.resolved_ffn_hidden_size, m.resolved_ffn_hidden_size)]
+    if m.is_afb:
+        out.append(("feedback_rank", m.feedback_rank, m.feedback_rank))
+    out += [("vocab_size", m.vocab_size, m.vocab_size),
+            ("make_vocab_size_divisible_by", m.padded_vocab_size,
+             f"{m.make_vocab_size_divisible_by} (padded vocabulary {m.padded_vocab_size})"),
+            ("position_embedding_type", m.position_embedding_type, m.position_embedding_type)]
+    if m.position_embedding_type == "learned_absolute":
+        out.append(("seq_length", m.seq_length, m.seq_length))
+    out += [("normalization", m.normalization, m.normalization),
+            ("add_bias_linear", m.use_bias, _yaml_value(m.use_bias)),
+            ("tie_embeddings", m.tie_embeddings, _yaml_value(m.tie_embeddings))]
+    return out
+
+
+def saved_model(tag_dir: Path, marker: dict):
+    """The ModelConfig a checkpoint was saved with: the marker's record, or for checkpoints
+    written before the marker had one, the model section of the checkpoint's config.yaml. None
+    if neither can be read (the check is then skipped)."""
+    import yaml
+
+    from afb_scale.config import ConfigError, ModelConfig, _from_dict
+
+    data = marker.get("model")
+    if data is None:
+        try:
+            data = (yaml.safe_load((tag_dir / "config.yaml").read_text()) or {}).get("model")
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+            return None
+    if not isinstance(data, dict):
+        return None
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return _from_dict(ModelConfig, {k: v for k, v in data.items() if k in known}, "model")
+    except (ConfigError, TypeError):
+        return None
+
+
+def check_model_matches(cfg, tag_dir: Path, marker: dict) -> None:
+    """A ConfigError naming the first model setting in which `cfg` differs from the checkpoint
+    (its value there and in the config), instead of a shape mismatch deep inside a load."""
+    from afb_scale.config import ConfigError
+
+    saved = saved_model(tag_dir, marker)
+    if saved is None:
+        return
+    # The two lists line up up to their first difference: an optional entry depends only on a
+    # setting compared before it (ffn_kind, position_embedding_type).
+    for (key, have, shown), (_, had, was) in zip(_model_identity(cfg.model), _model_identity(saved)):
+        if have != had:
+            raise ConfigError(
+                f"model.{key}={shown} but checkpoint {tag_dir} was saved with model.{key}={was}; resume "
+                f"with model.{key}={was}, or start the new model in another train.run_dir")
+
+
+def check_resume_model(cfg, run_dir: str | Path) -> None:
+    """`check_model_matches` against the newest checkpoint with a readable marker, without
+    checksums or a process group: for a command line to call before any process group starts.
+    `resume_plan` checks again against the checkpoint it actually picks."""
+    ckpt = checkpoint_dir(run_dir)
+    for _, tag in _tags(ckpt):
+        marker, _ = _read_marker(ckpt / tag)
+        if marker is not None:
+            check_model_matches(cfg, ckpt / tag, marker)
+            return
+
+
 def resume_plan(cfg, world_size: int, run_dir: str | Path) -> Optional[dict]:
     """Collective, before the engine is built: which checkpoint to resume from and how.
 
     Returns None for a fresh run, else {"dir", "marker", "same_layout"}; for another layout also
-    "weights", the consolidated model to build the engine from (reshard.py).
+    "weights", the consolidated model to build the engine from (reshard.py). A config whose
+    model differs from the checkpoint's is a ConfigError, on every rank alike.
     """
     found = find_complete(run_dir)
     if found is None:
         return None
     tag_dir, marker = found
+    check_model_matches(cfg, tag_dir, marker)
     same = marker["layout"] == layout_of(cfg, world_size)
     plan = {"dir": tag_dir, "marker": marker, "same_layout": same}
     if not same:
