@@ -502,7 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"afb-scale submit: error: sbatch failed: {r.stderr.strip()} (script: {path})", file=sys.stderr)
         return r.returncode or 1
     job_id = r.stdout.strip().split(";")[0]
-    print(f"submitted job {job_id} (script {path}; log {cfg.log_dir}/{cfg.job_name}-{job_id}.out)")
+    where = f"script {path}; log {cfg.log_dir}/{cfg.job_name}-{job_id}.out"
+    if shared_run_dir(cfg):
+        # Named after the job, not its id: a job submitted again under this name continues it.
+        run_dir = f"{cfg.run_root.rstrip('/')}/{cfg.job_name}" + ("_<task>" if cfg.sweep else "")
+        where += f"; run directory {run_dir}"
+    print(f"submitted job {job_id} ({where})")
     return 0
 
 

@@ -294,3 +294,16 @@ def test_lost_worker_is_retried_in_place_and_a_resubmitted_job_continues(cluster
     continued = losses(ref_dir)
     assert sorted(continued) == list(range(1, steps + 11))
     assert {s: continued[s] for s in range(1, steps + 1)} == losses(run_dir)
+
+
+def test_submit_says_which_run_directory_the_job_continues(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "bin" / "sbatch"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "77;cluster"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:/usr/bin:/bin")
+    assert submit.main([str(LOCAL_CPU), f"log_dir={tmp_path}/logs", "run_root=runs/", "--repo", str(REPO)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("submitted job 77 (") and out.rstrip().endswith("; run directory runs/afb-tiny-cpu)")
+    assert submit.main([str(LOCAL_CPU), f"log_dir={tmp_path}/logs", "run_dir_per_job=true", "--repo", str(REPO)]) == 0
+    assert "run directory" not in capsys.readouterr().out
