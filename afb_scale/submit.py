@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = Path(args.repo).resolve()
         script = render(cfg, repo, source=args.config)
     except ConfigError as e:
-        print(f"afb-scale submit: error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.dry_run:
         sys.stdout.write(script)
@@ -496,10 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = subprocess.run(["sbatch", "--parsable", str(path)], cwd=repo, capture_output=True, text=True)
     except FileNotFoundError:
-        print(f"afb-scale submit: error: sbatch not found; the script is at {path}", file=sys.stderr)
+        print(f"error: sbatch not found; the script is at {path}", file=sys.stderr)
         return 1
     if r.returncode != 0:
-        print(f"afb-scale submit: error: sbatch failed: {r.stderr.strip()} (script: {path})", file=sys.stderr)
+        print(f"error: sbatch failed: {r.stderr.strip()} (script: {path})", file=sys.stderr)
         return r.returncode or 1
     job_id = r.stdout.strip().split(";")[0]
     where = f"script {path}; log {cfg.log_dir}/{cfg.job_name}-{job_id}.out"

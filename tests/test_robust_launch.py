@@ -67,7 +67,7 @@ def test_submit_main_rejects_a_bad_time_in_one_line_and_writes_nothing(tmp_path,
     assert rc == 2
     cap = capsys.readouterr()
     err = cap.err.strip()
-    assert err.startswith("afb-scale submit: error: time='25:99:99' is not a Slurm time limit"), err
+    assert err.startswith("error: time='25:99:99' is not a Slurm time limit"), err
     assert "\n" not in err and "Traceback" not in err and cap.out == ""
     assert not (tmp_path / "logs").exists()
 

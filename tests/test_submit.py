@@ -88,7 +88,7 @@ def test_newlines_are_rejected_everywhere_they_could_break_a_line():
 def test_main_prints_a_clear_error_and_exits_2(capsys):
     assert submit.main([str(EXAMPLE), "nodes=-3", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "afb-scale submit: error: nodes=-3 must be >= 1"
+    assert err == "error: nodes=-3 must be >= 1"
 
 
 def test_dry_run_prints_a_script_that_passes_bash_n(capsys):
