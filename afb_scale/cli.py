@@ -32,6 +32,7 @@ for _message in (".*(Apex|Transformer Engine|TransformerEngine).*", "full scope 
 logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
 
 from afb_scale.config import ConfigError, data_parallel_size, load_config, validate
+from data_prep.errors import ArgumentParser
 
 EXIT_BAD_INPUT = 2
 
@@ -153,7 +154,7 @@ def _with_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="afb-scale", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="afb-scale", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (launch one process per rank with torchrun)")
     _with_config_args(p)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from data_prep.errors import ArgumentParser
 
 EXPORT_FORMAT = "afb_scale-export-1"
 
@@ -196,7 +197,7 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m afb_scale.export", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m afb_scale.export", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return cmd_export(parser.parse_args(argv))
 

@@ -34,6 +34,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from afb_scale.config import ConfigError, _from_dict, read_with_overrides
+from data_prep.errors import ArgumentParser
 
 BODY_MARKER = "# ---- afb-scale body"
 TEMPLATE = Path("launch") / "slurm" / "train.sbatch"
@@ -462,7 +463,7 @@ def render(cfg: ClusterJobConfig, repo: str | os.PathLike, source: str = "") -> 
 # Command line
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="afb-scale submit",
         description="Render a Slurm batch script from a cluster-job config and submit it with sbatch.",
     )

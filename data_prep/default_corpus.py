@@ -13,14 +13,13 @@ Writes `<out>/tokenizer.model` (+ .vocab, .meta.json) and `<out>/stdlib_text_doc
 
 from __future__ import annotations
 
-import argparse
 import os
 import sysconfig
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from data_prep.errors import DataError, run_command
+from data_prep.errors import ArgumentParser, DataError, run_command
 from data_prep.outputs import refuse_existing
 from data_prep.tokenize import dataset_paths, tokenize_to_indexed_dataset
 from data_prep.tokenizer import tokenizer_paths, train_tokenizer
@@ -44,7 +43,7 @@ def stdlib_sources(root: Optional[Path] = None) -> list[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.default_corpus", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m data_prep.default_corpus", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/default"), help="output directory")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))

@@ -7,6 +7,7 @@ what is allowed, and every `python -m data_prep.*` command runs through `run_com
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -26,3 +27,13 @@ def run_command(main: Callable[[Optional[Sequence[str]]], None], argv: Optional[
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line ending like any other bad input: the usage, then one
+    last line `error: <prog>: <message>` (argparse's own ends `<prog>: error: ...`), exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)

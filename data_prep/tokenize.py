@@ -11,7 +11,6 @@ order whatever the number of workers (so 1 and N workers write byte-identical fi
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.encode import DocumentEncoder, encode_in_worker, init_worker
-from data_prep.errors import DataError, run_command
+from data_prep.errors import ArgumentParser, DataError, run_command
 from data_prep.inputs import Document, find_input_files, read_documents
 from data_prep.outputs import file_sha256, metadata_path, refuse_existing, staged_outputs, write_json
 from data_prep.tokenizer import add_input_arguments, load_tokenizer
@@ -179,7 +178,7 @@ def tokenize_to_indexed_dataset(
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m data_prep.tokenize", description=__doc__.split("\n")[0])
     add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, type=Path, help="sentencepiece .model")
     parser.add_argument("--out", required=True, type=Path, help="output prefix, e.g. data/corpus_text_document")

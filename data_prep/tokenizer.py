@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import sentencepiece
 
-from data_prep.errors import DataError, run_command
+from data_prep.errors import ArgumentParser, DataError, run_command
 from data_prep.inputs import ENCODING_ERRORS, TEXT_DOCS, find_input_files, read_documents
 from data_prep.outputs import (
     file_sha256,
@@ -175,7 +175,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m data_prep.tokenizer", description=__doc__.split("\n")[0])
     add_input_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="output prefix, e.g. data/tok/tokenizer")
     parser.add_argument("--vocab-size", type=int, default=8192)
