@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from afb_scale import device, testing_hooks
+from afb_scale.config import ConfigError
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -293,7 +294,8 @@ def find_complete(run_dir: str | Path, announce=_print0) -> Optional[tuple[Path,
         if (ckpt / tag / MARKER).is_file():
             rejected_marked.append(tag)
     if rejected_marked:
-        raise RuntimeError(
+        # Bad input, decided alike on every rank (the reasons are gathered): one line, exit 2.
+        raise ConfigError(
             f"no loadable checkpoint in {ckpt}: {', '.join(rejected_marked)} failed verification; "
             "move them away to start the run from scratch")
     return None
@@ -397,7 +399,7 @@ def resume_plan(cfg, world_size: int, run_dir: str | Path) -> Optional[dict]:
     plan = {"dir": tag_dir, "marker": marker, "same_layout": same}
     if not same:
         if not marker.get("consolidated"):
-            raise RuntimeError(
+            raise ConfigError(
                 f"checkpoint {tag_dir} was saved at {_layout_text(marker['layout'])} without a consolidated "
                 f"model (train.save_consolidated=false); resume it at that layout")
         from afb_scale.reshard import read_consolidated

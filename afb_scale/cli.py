@@ -75,7 +75,9 @@ def cmd_train(args) -> int:
     from afb_scale.data import check_prepared_data
 
     check_prepared_data(cfg)  # tokenizer/model vocabulary and .bin/.idx pairs, before any group
-    from afb_scale import train
+    from afb_scale import checkpoint, train
+
+    checkpoint.check_resume_model(cfg, cfg.train.run_dir)  # a resume with another model, before any group
 
     return train.run(cfg, world_size)
 

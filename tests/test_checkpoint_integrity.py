@@ -94,7 +94,9 @@ def test_only_incomplete_saves_mean_a_fresh_start_but_only_corrupt_ones_stop(run
     assert checkpoint.find_complete(run_copy, announce=lambda _: None) is None
     marked = run_copy / "checkpoints" / PREVIOUS
     (marked / "COMPLETE").write_text("not json")
-    with pytest.raises(RuntimeError, match=f"no loadable checkpoint .*{PREVIOUS} failed verification"):
+    from afb_scale.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"no loadable checkpoint .*{PREVIOUS} failed verification"):
         checkpoint.find_complete(run_copy, announce=lambda _: None)
 
 
