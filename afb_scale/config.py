@@ -266,7 +266,10 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping, not {type(data).__name__}")
     merged: dict = {}
-    for inc in data.pop("include", None) or []:
+    includes = data.pop("include", None) or []
+    if not isinstance(includes, list) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"include={includes!r} in {str(path)!r} must be a list of file paths, e.g. include: [a.yaml]")
+    for inc in includes:
         merged = _deep_merge(merged, _read_yaml(path.parent / inc, seen + (path,)))
     return _deep_merge(merged, data)
 

@@ -141,6 +141,8 @@ CASES = {
     "include cycle": Case(train(config="{work}/a.yaml"), "include cycle through",
                           setup=lambda c, w: (write("a.yaml", "include: [b.yaml]\n")(c, w),
                                               write("b.yaml", "include: [a.yaml]\n")(c, w))),
+    "include not a list": Case(train(config="{work}/inc.yaml"), "include='size/tiny.yaml' in",
+                               setup=write("inc.yaml", "include: size/tiny.yaml\n")),
     # ---- data
     "tokenizer missing": Case(train("data.tokenizer={work}/none.model"), "none.model"),
     "vocabulary mismatch": Case(train("model.vocab_size=1000"), "pieces but model.vocab_size=1000"),
