@@ -1,12 +1,18 @@
-"""afb_scale.cost: the parameter count matches the built GPTModel exactly; FLOPs per token match
-a hand computation, and AFB adds exactly its feedback matmuls."""
+"""afb_scale.cost: the parameter count matches the built GPTModel exactly (per tensor-parallel
+rank too); FLOPs per token match a hand computation and torch's FLOP counter on a real forward +
+backward, and AFB adds exactly its feedback matmuls; the memory model matches the H100
+measurements of docs/results/gpu.md and partitions, shards and checkpoints as it should."""
 
+import dataclasses
 import itertools
 
+import pytest
+from conftest import ROOT
 from multiproc import run_ranks
 
 from afb_scale.config import FFN_KINDS, ModelConfig
-from afb_scale.cost import H100_BF16_DENSE_PEAK, flops_per_token, mfu, parameter_count
+from afb_scale.cost import (GIB, H100_BF16_DENSE_PEAK, Layout, _partition_intersecting, flops_per_token,
+                            layer_activation_bytes, memory_per_device, mfu, parameter_count, rank_parameters)
 
 # ffn kind x normalization x biases x tied embedding, plus rope (no position embedding table).
 CASES = [
@@ -33,6 +39,22 @@ def test_parameter_count_matches_built_model():
     [built] = run_ranks(_built_counts, 1)
     for case, n in zip(CASES, built):
         assert parameter_count(small(**case)) == n, case
+
+
+def _built_per_rank(rank, world):
+    from afb_scale.config import ParallelConfig
+    from afb_scale.model.gpt import build_gpt_model
+    from afb_scale.parallel import init_distributed
+
+    init_distributed(world, 1)
+    return [{k: p.numel() for k, p in build_gpt_model(small(**case), ParallelConfig(tensor=world)).named_parameters()}
+            for case in CASES[::5]]
+
+
+def test_rank_parameters_match_the_built_model_at_tp2():
+    for rank, built in enumerate(run_ranks(_built_per_rank, 2)):
+        for case, names in zip(CASES[::5], built):
+            assert rank_parameters(small(**case), tensor=2) == names, (rank, case)
 
 
 def test_parameter_count_by_hand():
@@ -69,3 +91,176 @@ def test_mfu():
     cfg = small(ffn_kind="gelu")
     tps = 1e6
     assert mfu(tps, cfg, H100_BF16_DENSE_PEAK) == tps * flops_per_token(cfg) / 989e12
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs counted by torch in a real forward + backward of the model (torch.utils.flop_counter)
+
+FLOP_SHAPES = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, feedback_rank=8, seq_length=64, vocab_size=1000),
+    # the 125M preset's shape (hidden 768, 12 heads, seq 2048, vocabulary 32000) with one layer
+    "125m-one-layer": dict(num_layers=1, hidden_size=768, num_attention_heads=12, feedback_rank=64, seq_length=2048,
+                           vocab_size=32000),
+}
+
+
+LOCAL = [ModelConfig(ffn_kind=kind, attention="local", **shape) for shape in FLOP_SHAPES.values() for kind in FFN_KINDS]
+SDPA = [ModelConfig(ffn_kind=kind, **FLOP_SHAPES["tiny"]) for kind in FFN_KINDS]
+RECOMPUTE = [ModelConfig(ffn_kind=kind, attention="local", **FLOP_SHAPES["tiny"]) for kind in ("gelu", "afb-swiglu")]
+
+
+def _counted_flops(rank, world):
+    """FLOPs FlopCounterMode counts in one forward + backward (batch 1) of each model of LOCAL,
+    SDPA and RECOMPUTE (the last with megatron's full activation recompute, as Engine sets it
+    for train.activation_checkpointing): (total, by op) per model."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+    from afb_scale.model.lm_loss import LMLoss
+    from afb_scale.parallel import init_distributed
+
+    init_distributed(1, 1)
+    torch.set_num_threads(2)
+
+    def count(model, recompute=False):
+        gpt = build_gpt_model(model)
+        if recompute:
+            gpt.config.recompute_granularity, gpt.config.recompute_method = "full", "uniform"
+            gpt.config.recompute_num_layers = 1
+        tokens = torch.randint(0, model.vocab_size, (1, model.seq_length))
+        with FlopCounterMode(display=False) as counter:
+            logits = gpt(tokens, position_ids_for(tokens), causal_attention_mask(model.seq_length))
+            loss = LMLoss()(logits.transpose(0, 1), (tokens, torch.ones(1, model.seq_length)))
+            loss.backward()
+        return counter.get_total_flops(), {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+    return [count(m) for m in LOCAL], [count(m) for m in SDPA], [count(m, recompute=True) for m in RECOMPUTE]
+
+
+@pytest.fixture(scope="module")
+def counted():
+    [result] = run_ranks(_counted_flops, 1, timeout=900)
+    return result
+
+
+def test_flops_per_token_matches_torch_flop_counter(counted):
+    """Every FFN kind at two shapes: torch's count of a real forward + backward equals the
+    formula within 1%. megatron's local attention is used because torch counts its
+    QK^T/AV matmuls (baddbmm, bmm); torch has no FLOP formula for the CPU fused SDPA kernel."""
+    for model, (flops, by_op) in zip(LOCAL, counted[0]):
+        expected = flops_per_token(model) * model.seq_length
+        assert abs(flops - expected) <= 0.01 * expected, (model.ffn_kind, model.hidden_size, flops, expected, by_op)
+        # the attention matmuls alone: QK^T and AV over the full s x s, forward and backward
+        attention = by_op.get("aten.baddbmm", 0) + by_op.get("aten.bmm", 0)
+        assert attention == 3 * model.num_layers * 2 * 2 * model.seq_length ** 2 * model.hidden_size, by_op
+    # what AFB adds is its feedback: 3 * 2 * 3 f r per token and layer (V, Ub, Ug; forward + backward)
+    by_kind = {(m.hidden_size, m.ffn_kind): flops for m, (flops, _) in zip(LOCAL, counted[0])}
+    for model in LOCAL:
+        if model.is_afb:
+            base = by_kind[(model.hidden_size, model.ffn_kind[len("afb-"):])]
+            f, r = model.resolved_ffn_hidden_size, model.feedback_rank
+            assert by_kind[(model.hidden_size, model.ffn_kind)] - base == \
+                3 * 2 * 3 * f * r * model.num_layers * model.seq_length
+
+
+def test_sdpa_model_counts_the_same_matmuls_outside_attention(counted):
+    """The default fused attention runs the same projections, MLP and logits: torch counts the
+    formula less the attention matmuls it cannot see in the CPU SDPA kernel."""
+    for model, (flops, by_op) in zip(SDPA, counted[1]):
+        s, h = model.seq_length, model.hidden_size
+        assert flops == flops_per_token(model) * s - 3 * model.num_layers * 2 * 2 * s * s * h, (model.ffn_kind, by_op)
+
+
+def test_recompute_adds_the_layers_forward(counted):
+    """With megatron's full activation recompute the counted FLOPs grow by one forward of the
+    transformer layers (not of the logits), as flops_per_token(recompute=True) says."""
+    for model, (flops, _) in zip(RECOMPUTE, counted[2]):
+        expected = flops_per_token(model, recompute=True) * model.seq_length
+        assert abs(flops - expected) <= 0.01 * expected, (model.ffn_kind, flops, expected)
+        assert flops > flops_per_token(model) * model.seq_length
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory per device
+
+def preset(size: str, **overrides) -> ModelConfig:
+    from afb_scale.config import load_config
+
+    return load_config(ROOT / "configs" / "size" / f"{size}.yaml",
+                       [f"model.{k}={v}" for k, v in overrides.items()]).model
+
+
+# Measured on one H100 80GB (docs/results/gpu.md; bf16, ZeRO-1, DP 1, seq 2048, one micro-batch
+# per step): size, FFN kind, checkpointing, micro batch, torch.cuda.max_memory_allocated GiB.
+H100_MEASURED = [
+    ("125m", "gelu", False, 16, 20.81), ("125m", "afb-gelu", False, 16, 30.03),
+    ("125m", "gelu", True, 16, 12.35), ("125m", "afb-gelu", True, 16, 12.47),
+    ("350m", "gelu", False, 16, 39.67), ("350m", "afb-gelu", False, 16, 64.17),
+    ("350m", "gelu", True, 16, 17.11), ("350m", "afb-gelu", True, 16, 17.43),
+    ("1.3b", "gelu", False, 4, 36.02), ("1.3b", "afb-gelu", False, 4, 48.70),
+    ("1.3b", "gelu", True, 16, 34.51), ("1.3b", "afb-gelu", True, 16, 35.15),
+]
+
+
+@pytest.mark.parametrize("size, ffn, ckpt, micro, measured_gib", H100_MEASURED)
+def test_memory_estimate_matches_h100_measurements(size, ffn, ckpt, micro, measured_gib):
+    est = memory_per_device(preset(size, ffn_kind=ffn), Layout(micro_batch=micro, checkpointing=ckpt,
+                                                                precision="bf16", zero_stage=1, device="cuda"))
+    assert est.total / GIB == pytest.approx(measured_gib, rel=0.10)
+
+
+def test_afb_activation_memory_is_its_extra_tensors():
+    """Without checkpointing AFB-GELU keeps 4 more f-sized tensors per token and layer than
+    GELU (sigmoid(Ug z), 2 sigmoid(.), h + db, act(h + db)) and V h, z; with checkpointing a
+    layer keeps only its input, the same for both."""
+    layout = Layout(micro_batch=16, precision="bf16", zero_stage=1)
+    base, afb = preset("350m", ffn_kind="gelu"), preset("350m", ffn_kind="afb-gelu")
+    f, r, tokens = base.resolved_ffn_hidden_size, base.feedback_rank, 16 * base.seq_length
+    assert layer_activation_bytes(afb, layout) - layer_activation_bytes(base, layout) == tokens * (4 * f + 2 * r) * 2
+    ckpt = dataclasses.replace(layout, checkpointing=True)
+    a, b = memory_per_device(afb, ckpt), memory_per_device(base, ckpt)
+    assert a.detail["activations: layers"] == b.detail["activations: layers"] == 24 * tokens * 1024 * 2
+
+
+def test_zero_partitions_what_it_should():
+    model = preset("1.3b", ffn_kind="afb-swiglu")
+    one = memory_per_device(model, Layout(zero_stage=1, precision="bf16", micro_batch=1))
+    eight = memory_per_device(model, Layout(zero_stage=1, precision="bf16", micro_batch=1, data=8))
+    assert eight.optimizer == pytest.approx(one.optimizer / 8)  # fp32 master + Adam: 12 bytes / 8
+    assert eight.weights == one.weights and eight.gradients == one.gradients  # bf16 weights, grads whole
+    z3 = memory_per_device(model, Layout(zero_stage=3, precision="bf16", micro_batch=1, data=8))
+    assert z3.weights < one.weights / 7.5 and z3.gradients < one.gradients / 3  # weights and grads partitioned too
+    # ZeRO-3 keeps its reduce bucket (5e8 elements, reduced in fp32) whatever the model's size
+    assert z3.detail["buffers: reduce bucket (allocated at start-up)"] == 4 * 5e8
+
+
+def test_sharding_and_checkpointing_shrink_activations():
+    model = preset("1.3b", ffn_kind="afb-gelu")
+    full = memory_per_device(model, Layout(micro_batch=4, zero_stage=1))
+    tp = memory_per_device(model, Layout(micro_batch=4, zero_stage=1, tensor=8))
+    sp = memory_per_device(model, Layout(micro_batch=4, zero_stage=1, tensor=8, sequence_parallel=True))
+    ckpt = memory_per_device(model, Layout(micro_batch=4, zero_stage=1, tensor=8, sequence_parallel=True,
+                                           checkpointing=True))
+    assert full.activations > tp.activations > sp.activations > ckpt.activations
+    assert sp.detail["activations: layers"] == pytest.approx(full.detail["activations: layers"] / 8, rel=0.01)
+
+
+def test_pipeline_first_stage_holds_micro_batches_in_flight():
+    model = preset("350m", ffn_kind="gelu")
+    layout = Layout(pipeline=4, micro_batch=2, grad_accum=8, zero_stage=1)
+    stages = [memory_per_device(model, layout, stage=s) for s in range(4)]
+    per = [s.detail["activations: layers"] for s in stages]
+    assert per == [pytest.approx(per[3] * k) for k in (4, 3, 2, 1)]  # 1F1B: p - stage in flight
+    assert stages[3].detail["activations: logits and loss (forward)"] > 0 == stages[0].detail[
+        "activations: logits and loss (forward)"]
+
+
+def test_zero1_gradients_depend_on_the_partition():
+    """ZeRO-1/2 keep the whole gradient of every parameter that meets a rank's partition: the
+    rank whose partition starts inside the embedding keeps the embedding's."""
+    params = {"embedding.word_embeddings.weight": 600, "decoder.layers.0.mlp.linear_fc1.weight": 400,
+              "decoder.layers.0.input_layernorm.weight": 10}
+    assert [_partition_intersecting(params, 2, r) for r in (0, 1)] == [600 + 10, 1000 + 10]
+    assert _partition_intersecting(params, 2) == 1010
+    assert _partition_intersecting(params, 1, 0) == 1010
