@@ -168,6 +168,10 @@ class MetricsConfig:
     grad_norm_window: int = 100
     loss_spike_factor: float = 2.0
     tensorboard: bool = True
+    # Dense peak TFLOP/s per device that MFU is measured against. None: the table of
+    # afb_scale/metrics/throughput.py by GPU name and train.precision (H100 SXM bf16: 989), or on
+    # CPU a measured fp32 matmul peak.
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -471,6 +475,9 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
                           "(0 = off, null = every train.eval_interval)")
     if p.sequence_parallel and p.tensor == 1:
         raise ConfigError(f"parallel.sequence_parallel=true needs parallel.tensor > 1, not parallel.tensor={p.tensor}")
+    if cfg.metrics.peak_tflops is not None and cfg.metrics.peak_tflops <= 0:
+        raise ConfigError(f"metrics.peak_tflops={cfg.metrics.peak_tflops} must be > 0 (TFLOP/s per device), "
+                          "or null for the built-in table")
     total = sum(d.weight for d in cfg.data.datasets)
     for i, d in enumerate(cfg.data.datasets):
         if d.weight <= 0:

@@ -37,6 +37,7 @@ from afb_scale.metrics.layer_metrics import ActivationDrift, collect_layer_stats
 from afb_scale.metrics.run_logger import RunLogger, Throughput, format_duration
 from afb_scale.metrics.spectral import probe_spectral_metrics, spectral_due
 from afb_scale.metrics.stability import StabilityTracker
+from afb_scale.metrics.throughput import RunPerformance
 from afb_scale.parallel import any_rank, init_distributed
 from afb_scale.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from afb_scale.watchdog import StartupWatchdog
@@ -166,6 +167,8 @@ def run(cfg: Config, world_size: int) -> int:
     log.print(f"model: {cfg.model.ffn_kind}, {n_params:,} parameters on rank 0 "
               f"(TP={cfg.parallel.tensor} PP={cfg.parallel.pipeline} DP={dp} ZeRO={cfg.parallel.zero_stage}); "
               f"run dir {run_dir}")
+    perf = RunPerformance(cfg, world_size, engine.device, logging_rank=rank == 0)  # TFLOP/s, MFU, memory
+    log.print(f"MFU against: {perf.peak.label}")
 
     def evaluate(step: int) -> float:
         losses, accs = zip(*(engine.evaluate(b) for b in valid_batches))
@@ -233,10 +236,11 @@ def run(cfg: Config, world_size: int) -> int:
                                "stability/grad_norm_cv": snap.grad_norm_cv, "stability/loss_spikes": snap.loss_spikes_total})
         if step % t.log_interval == 0 or step == t.steps:
             tokens_per_s, eta = speed.tick(step)
-            log.scalars(step, {"train/tokens_per_s": tokens_per_s})
+            perf_scalars, perf_text = perf.interval(tokens_per_s)  # a collective: every rank's memory
+            log.scalars(step, {"train/tokens_per_s": tokens_per_s, **perf_scalars})
             norm = f"{result.grad_norm:.3f}" if result.grad_norm is not None else "n/a"
             log.print(f"step {step:6d}/{t.steps} | loss {result.loss:.4f} | lr {result.lr:.3e} | grad norm {norm} "
-                      f"| {tokens_per_s:,.0f} tokens/s | ETA {format_duration(eta)}")
+                      f"| {tokens_per_s:,.0f} tokens/s | {perf_text} | ETA {format_duration(eta)}")
         if cfg.metrics.layer_metrics_interval and cfg.model.is_afb and step % cfg.metrics.layer_metrics_interval == 0 \
                 and step % t.eval_interval != 0:
             log.scalars(step, _layer_metrics(engine, probe, drift))

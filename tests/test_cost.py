@@ -5,6 +5,9 @@ measurements of docs/results/gpu.md and partitions, shards and checkpoints as it
 
 import dataclasses
 import itertools
+import json
+import os
+import re
 
 import pytest
 from conftest import ROOT
@@ -264,3 +267,105 @@ def test_zero1_gradients_depend_on_the_partition():
     assert [_partition_intersecting(params, 2, r) for r in (0, 1)] == [600 + 10, 1000 + 10]
     assert _partition_intersecting(params, 2) == 1010
     assert _partition_intersecting(params, 1, 0) == 1010
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak FLOP/s, MFU and memory in the training logs (afb_scale/metrics/throughput.py)
+
+
+def test_peak_table_is_dense_and_found_by_device_name():
+    from afb_scale.metrics.throughput import device_kind, peak_flops, table_peak
+
+    names = {"NVIDIA H100 80GB HBM3": "H100-SXM", "NVIDIA H100 PCIe": "H100-PCIe", "NVIDIA H100 NVL": "H100-NVL",
+             "NVIDIA GH200 480GB": "GH200", "NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A100-PCIE-40GB": "A100",
+             "NVIDIA L40S": "L40S", "NVIDIA L4": "L4", "Tesla V100-SXM2-32GB": "V100", "AMD Instinct MI300X": "MI300X",
+             "NVIDIA GeForce RTX 4090": None}
+    for name, kind in names.items():
+        assert device_kind(name) == kind, name
+    # dense, not the data sheet's 2:4-sparsity figure (1979 for H100 SXM bf16)
+    assert table_peak("H100-SXM", "bf16") == H100_BF16_DENSE_PEAK == 989e12
+    assert table_peak("A100", "bf16") == 312e12 and table_peak("A100", "fp32") == 19.5e12
+    assert table_peak("V100", "bf16") is None  # V100 has no bf16 tensor cores
+    assert peak_flops("bf16", device_name="NVIDIA H100 80GB HBM3", cuda=True).flops == 989e12
+    assert peak_flops("fp32", device_name="NVIDIA H100 80GB HBM3", cuda=True).flops == 67e12
+    assert peak_flops("bf16", configured_tflops=500.0).flops == 500e12
+    unknown = peak_flops("bf16", device_name="NVIDIA GeForce RTX 4090", cuda=True)
+    assert unknown.flops is None and "metrics.peak_tflops" in unknown.label
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path):
+    from afb_scale.metrics.throughput import cpu_peak
+
+    first = cpu_peak(tmp_path)
+    assert first.flops > 1e8 and first.label.startswith("measured fp32 matmul peak")
+    cache = tmp_path / "cpu_peak.json"
+    entries = json.loads(cache.read_text())
+    assert len(entries) == 1
+    entries[next(iter(entries))] = 123.0  # what the second call returns proves it read the cache
+    cache.write_text(json.dumps(entries))
+    assert cpu_peak(tmp_path).flops == 123.0
+
+
+def test_utilisation_arithmetic():
+    from afb_scale.metrics.throughput import utilisation
+
+    u = utilisation(1e5, 6e9, 8e9, devices=8, peak=989e12)
+    assert u.tflops_per_device == pytest.approx(75.0)
+    assert u.mfu == pytest.approx(75e12 / 989e12) and u.hfu == pytest.approx(100e12 / 989e12)
+    assert utilisation(1e5, 6e9, 6e9, 8, None).mfu is None
+
+
+def _gathered(rank, world):
+    import torch
+
+    from afb_scale.metrics.throughput import gather_memory
+    from afb_scale.parallel import init_distributed
+
+    init_distributed(1, 1)
+    keep = torch.ones(int(2e8) if rank == 1 else 1, dtype=torch.uint8) + 1  # rank 1 touches 200 MB more
+    scalars, per_rank = gather_memory(torch.device("cpu"))
+    return scalars, per_rank, int(keep[0])
+
+
+def test_memory_of_every_rank_is_gathered():
+    results = run_ranks(_gathered, 2)
+    scalars, per_rank, _ = results[0]
+    assert results[1][0] == scalars  # every rank gets the same answer
+    assert len(per_rank) == 2 and per_rank[1]["peak_rss_gib"] > per_rank[0]["peak_rss_gib"] + 0.15
+    assert scalars["memory/peak_rss_gib"] == per_rank[1]["peak_rss_gib"]
+    assert scalars["memory/peak_rss_gib_min"] == per_rank[0]["peak_rss_gib"]
+
+
+def test_training_logs_tflops_mfu_and_memory(default_corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import corpus_overrides
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml", "parallel.tensor=1",
+           *corpus_overrides(default_corpus), f"train.run_dir={run_dir}", "train.steps=4", "train.warmup_steps=1",
+           "train.log_interval=2", "train.eval_interval=4", "train.eval_iters=1", "train.save_interval=4",
+           "metrics.layer_metrics_interval=0", "model.seq_length=64", "train.activation_checkpointing=true"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "MFU against: measured fp32 matmul peak of this CPU, 1 thread(s)" in proc.stdout
+    steps = [line for line in proc.stdout.splitlines() if line.startswith("step") and "tokens/s" in line]
+    assert len(steps) == 2 and all(re.search(r"TFLOP/s/device \| MFU [\d.]+% \| peak RSS [\d.]+ GiB", s)
+                                   for s in steps), steps
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/tflops_per_device", "train/mfu", "train/hfu", "memory/peak_rss_gib",
+                "memory/peak_rss_gib_min", "memory_per_rank/rank000/peak_rss_gib"):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    mfu = [e.value for e in events.Scalars("train/mfu")]
+    tflops = [e.value for e in events.Scalars("train/tflops_per_device")]
+    hfu = [e.value for e in events.Scalars("train/hfu")]
+    assert len(mfu) == 2 and all(0 < m < 1.5 for m in mfu)  # a measured peak can be beaten a little
+    assert all(h > m for h, m in zip(hfu, mfu))  # the recomputed forward counts in HFU only
+    assert all(t > 0 for t in tflops)
+    assert 0.1 < events.Scalars("memory/peak_rss_gib")[-1].value < 20
