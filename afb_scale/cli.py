@@ -1,7 +1,8 @@
 """`afb-scale`: the command line.
 
     afb-scale train --config configs/quickstart.yaml [section.key=value ...]   (under torchrun)
-    afb-scale plan  --config CONFIG --world-size N [overrides]   validate and show the layout
+    afb-scale plan  --config CONFIG [--nodes N --gpus-per-node G --gpu-memory-gib M] [--search]
+                                                                 parameters, FLOPs, memory, time (no GPU)
     afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
     afb-scale submit configs/cluster/example.yaml [--dry-run]   Slurm batch script (launch/)
     afb-scale export RUN_DIR|CHECKPOINT OUT_DIR [--eval]         one-process model (safetensors)
@@ -129,18 +130,68 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def _plan_hardware(args, cfg, world_size: int):
+    """The cluster `plan` sizes for: --world-size alone keeps its old meaning (nodes of up to 8
+    devices); --nodes x --gpus-per-node otherwise (default one node of 8)."""
+    from afb_scale.metrics.throughput import PEAK_TFLOPS, table_peak
+    from afb_scale.planner import Hardware
+
+    gpus = args.gpus_per_node or (min(world_size, 8) if args.world_size is not None else 8)
+    nodes = args.nodes or -(-world_size // gpus)
+    if args.gpu_memory_gib <= 0:
+        raise ConfigError(f"--gpu-memory-gib={args.gpu_memory_gib:g} must be > 0")
+    if not 0 < args.mfu <= 1:
+        raise ConfigError(f"--mfu={args.mfu:g} must be in (0, 1] (a fraction: 0.3 is 30%)")
+    precision = cfg.train.precision
+    if args.peak_tflops is not None:
+        if args.peak_tflops <= 0:
+            raise ConfigError(f"--peak-tflops={args.peak_tflops:g} must be > 0")
+        peak, label = args.peak_tflops * 1e12, "--peak-tflops"
+    elif cfg.metrics.peak_tflops is not None:
+        peak, label = cfg.metrics.peak_tflops * 1e12, "metrics.peak_tflops"
+    else:
+        peak = table_peak(args.gpu, precision)
+        if peak is None:
+            raise ConfigError(f"--gpu={args.gpu} has no dense {precision} peak in the table (it has "
+                              f"{', '.join(PEAK_TFLOPS[args.gpu])}); give --peak-tflops")
+        label = f"{args.gpu} dense {precision}"
+    return Hardware(nodes=nodes, gpus_per_node=gpus, memory_gib=args.gpu_memory_gib, peak_flops=peak,
+                    peak_label=label, mfu=args.mfu)
+
+
 def cmd_plan(args) -> int:
-    cfg = _load_validated(args, args.world_size)
+    cfg = load_config(args.config, args.overrides)
+    for flag in ("nodes", "gpus_per_node", "top"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}={value} must be >= 1")
+    if args.world_size is not None:
+        world_size = args.world_size
+        if args.nodes and args.gpus_per_node and args.nodes * args.gpus_per_node != world_size:
+            raise ConfigError(f"--world-size={world_size} is not --nodes x --gpus-per-node = "
+                              f"{args.nodes} x {args.gpus_per_node}; give one or the other")
+    else:
+        world_size = (args.nodes or 1) * (args.gpus_per_node or 8)
+    # Planning never needs the hardware it plans for: GPU-only settings (fp16) are checked as
+    # if a GPU were here.
+    validate(cfg, world_size, cuda_available=True)
+    hw = _plan_hardware(args, cfg, world_size)
+    from afb_scale import planner
     from afb_scale.engine import deepspeed_config
 
     m = cfg.model
-    print(f"layout: world {args.world_size} = TP {cfg.parallel.tensor} x PP {cfg.parallel.pipeline} "
-          f"x DP {data_parallel_size(cfg, args.world_size)}, ZeRO stage {cfg.parallel.zero_stage}")
+    print(f"layout: world {world_size} = TP {cfg.parallel.tensor} x PP {cfg.parallel.pipeline} "
+          f"x DP {data_parallel_size(cfg, world_size)}, ZeRO stage {cfg.parallel.zero_stage}"
+          f"{', sequence parallel' if cfg.parallel.sequence_parallel else ''}; "
+          f"{hw.nodes} node(s) x {hw.gpus_per_node} device(s) of {hw.memory_gib:g} GiB")
     print(f"model: {m.ffn_kind}, {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}, "
           f"ffn hidden {m.resolved_ffn_hidden_size}, feedback rank {m.feedback_rank}, "
           f"vocab {m.vocab_size} (padded {m.padded_vocab_size}), seq {m.seq_length}")
+    print(planner.render_plan(cfg, world_size, hw, planner.exact_parameter_count(m)))
+    if args.search:
+        print(planner.render_search(planner.search(cfg, hw, world_size), hw, args.top))
     print("deepspeed config:")
-    print(json.dumps(deepspeed_config(cfg, args.world_size), indent=2))
+    print(json.dumps(deepspeed_config(cfg, world_size), indent=2))
     return 0
 
 
@@ -189,9 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     selftest_arguments(p)
     p.set_defaults(func=cmd_selftest)
-    p = sub.add_parser("plan", help="validate a config for a world size and print the layout")
+    p = sub.add_parser("plan", help="size a run: parameters, FLOPs/token, memory per device, fit, time "
+                       "(no GPU needed); --search ranks the layouts that fit")
     _with_config_args(p)
-    p.add_argument("--world-size", type=int, required=True)
+    p.add_argument("--world-size", type=int, help="devices in all (default: --nodes x --gpus-per-node)")
+    p.add_argument("--nodes", type=int, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, help="devices per node (default 8)")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per device, GiB (default 80)")
+    from afb_scale.metrics.throughput import PEAK_TFLOPS
+
+    p.add_argument("--gpu", default="H100-SXM", choices=sorted(PEAK_TFLOPS),
+                   help="device whose dense peak the time estimate uses (default H100-SXM)")
+    p.add_argument("--peak-tflops", type=float, help="dense peak TFLOP/s per device (overrides --gpu and "
+                   "metrics.peak_tflops)")
+    p.add_argument("--mfu", type=float, default=0.30, help="assumed model FLOPs utilisation for the time "
+                   "estimate (default 0.30: AFB-GELU at 1.3B on one H100, docs/results/gpu.md)")
+    p.add_argument("--search", action="store_true",
+                   help="also list the layouts that fit, best estimated throughput first")
+    p.add_argument("--top", type=int, default=20, help="rows of --search (default 20)")
     p.set_defaults(func=cmd_plan)
     return parser
 
