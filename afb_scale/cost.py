@@ -418,6 +418,10 @@ def memory_per_device(model: ModelConfig, layout: Layout, stage: int | None = No
         # memory buffer: one [b * heads/t, s, s] tensor, allocated once and kept.
         B_keep["local attention score buffer"] = \
             L.micro_batch * model.num_attention_heads / L.tensor * model.seq_length ** 2 * e
+    if sp:
+        # megatron's sequence-parallel linears all-gather their input into its global memory
+        # buffer (tensor_parallel/layers.py): one [s, b, h] tensor, allocated once and kept.
+        B_keep["sequence-parallel all-gather buffer"] = tokens * model.hidden_size * e
     if L.pipeline > 1:
         # DeepSpeed's pipeline engine keeps each stage's outputs of its last max(2, in flight)
         # micro-batches in its buffers until they are overwritten: on the last stage, logits.
