@@ -316,12 +316,14 @@ ENGINE = {"model.num_layers": 4, "train.micro_batch_size": 8, "train.global_batc
 def test_engine_tp2_pp2_equals_single_process():
     [(names, ref)] = run_ranks(_engine_spectra, 1, ENGINE)
     assert names == [f"layer{i:02d}" for i in range(1, 5)]
+    assert ref.pop("spectral/seconds") > 0  # the call's own cost, logged beside the metrics
     assert {t.split("/")[1] for t in ref} == set(names) and len(ref) == 4 * 9
     assert all(t.startswith("spectral/") for t in ref)
     results = run_ranks(_engine_spectra, 4, {**ENGINE, "parallel.tensor": 2, "parallel.pipeline": 2})
     # Ranks 0-1 are stage 0, 2-3 stage 1: each stage names its own layers by their global number.
     assert [names for names, _ in results] == [["layer01", "layer02"]] * 2 + [["layer03", "layer04"]] * 2
     for _, tags in results:
+        assert tags.pop("spectral/seconds") > 0
         assert set(tags) == set(ref)  # every rank has every stage's layers
         for tag, value in ref.items():
             # After a training step the TP x PP weights differ from the single process's by fp32
@@ -413,6 +415,7 @@ def test_training_writes_spectral_scalars(default_corpus, tmp_path):
             tag = f"spectral/{layer}/{metric}"
             assert tag in tags, f"{tag} missing from {sorted(tags)}"
             assert [e.step for e in events.Scalars(tag)] == [0, 5, 10]
+    assert [e.step for e in events.Scalars("spectral/seconds")] == [0, 5, 10]
     # At step 0 AFB is the base FFN: the post spectrum is gelu's reshaping of the pre spectrum.
     js = [e.value for e in events.Scalars("spectral/layer01/js")]
     assert all(0.0 < v < math.log(2) for v in js), js

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -217,9 +218,13 @@ def probe_spectral_metrics(engine, probe: list[dict]) -> dict[str, float]:
     Every rank runs the probe forward (evaluation reduces over data-parallel ranks), but only
     data-parallel replica 0 captures and decomposes: the other replicas hold different probe
     tokens, and one probe's numbers are what the log keeps. Results travel as plain floats.
+
+    Also `spectral/seconds`: how long this call held the loop (every rank waits for the last
+    owner in the final gather), so a run states its own overhead at any scale.
     """
     from megatron.core import parallel_state
 
+    t0 = time.perf_counter()
     replica0 = parallel_state.get_data_parallel_rank() == 0
     with collect_spectra(engine.module, enabled=replica0) as captured:
         engine.evaluate(probe)
@@ -227,4 +232,4 @@ def probe_spectral_metrics(engine, probe: list[dict]) -> dict[str, float]:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     merged = {name: metrics for part in gathered for name, metrics in part.items()}
-    return spectral_tags(dict(sorted(merged.items())))
+    return {**spectral_tags(dict(sorted(merged.items()))), "spectral/seconds": time.perf_counter() - t0}
