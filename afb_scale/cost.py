@@ -423,11 +423,17 @@ def memory_per_device(model: ModelConfig, layout: Layout, stage: int | None = No
         # buffer (tensor_parallel/layers.py): one [s, b, h] tensor, allocated once and kept.
         B_keep["sequence-parallel all-gather buffer"] = tokens * model.hidden_size * e
     if L.pipeline > 1:
-        # DeepSpeed's pipeline engine keeps each stage's outputs of its last max(2, in flight)
-        # micro-batches in its buffers until they are overwritten: on the last stage, logits.
+        # DeepSpeed's pipeline engine keeps its max(2, in flight) buffers between steps (seen
+        # at PP = 2): the last stage its outputs (logits), its received inputs with their
+        # gradients and a receive buffer; earlier stages the buffer they receive gradients in.
         n_buf = max(2, flight)
-        out_elems = tokens * model.padded_vocab_size / L.tensor if last else tokens * h_shard
-        B_keep["pipeline output buffers"] = n_buf * out_elems * e
+        act = tokens * h_shard * e
+        kept = act  # gradient receive buffer / activation receive buffer
+        if last:
+            kept = n_buf * tokens * model.padded_vocab_size / L.tensor * e + (2 * n_buf + 1) * act
+        elif stage > 0:
+            kept = (2 * n_buf + 2) * act
+        B_keep["pipeline buffers"] = kept
     recompute = a_layer if L.checkpointing else 0.0
 
     # ---- transients (buffers)

@@ -5,8 +5,9 @@ builds the real training engine (`afb_scale.engine.Engine`: megatron-core GPTMod
 DeepSpeed) on `world` CPU ranks (forked, gloo), trains a few steps on random tokens and
 measures on every rank:
 
-- *model states*: live tensor bytes just before the optimizer step of the last step (after
-  backward: weights, every gradient and the optimizer states exist, activations are gone);
+- *model states*: live tensor bytes as the optimizer step of the last step starts (after
+  backward: weights, every gradient and the optimizer states exist, activations are gone),
+  counted from the storages of the tensors Python holds;
 - *peak*: the largest live tensor bytes during the last step (steady state: the optimizer
   states exist from the first step on).
 
@@ -20,8 +21,11 @@ model build's transients. So each rank runs under torch's profiler with `profile
 which records every CPU tensor allocation and free with its size and time; summing them in
 order gives the live tensor bytes at every moment, the CPU analogue of the CUDA allocator's
 counters (without its block rounding). Counting starts before the engine is built, so the
-weights, optimizer states and DeepSpeed's buffers are all seen being allocated. The RSS
-growth over the last step (VmHWM after clearing it) is printed for comparison, not judged.
+weights, optimizer states and DeepSpeed's buffers are all seen being allocated. The count is
+checked against Python's view of live tensors before and after the measured step; where the
+profiler missed a free inside the step (it does, now and then; the RSS stays flat) the last
+column shows by how much the peak may be overstated. The RSS growth over the last step (VmHWM
+after clearing it) is printed for comparison, not judged.
 
 The estimate is for `device="cpu"`: torch's AdamW takes its per-tensor path on CPU (its
 foreach path, which keeps one more temporary of the optimizer states, only on GPUs). The
@@ -265,6 +269,13 @@ def rank_main(rank: int, world: int, port: int, case: Case, steps: int, queue) -
             with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's start-up chatter
                 engine = Engine(cfg, world)
             _mark_phases(engine)
+            inner_step = engine.engine._take_model_step
+
+            def probed_step(*args, **kwargs):  # Python's view of live tensors as the step starts
+                gc_at["optimizer_step"] = gc_live_bytes()
+                return inner_step(*args, **kwargs)
+
+            engine.engine.__dict__["_take_model_step"] = probed_step
             for step in range(steps):
                 batch = _synthetic(cfg, dp, dp_rank, step)
                 last = step == steps - 1
@@ -293,14 +304,16 @@ def rank_main(rank: int, world: int, port: int, case: Case, steps: int, queue) -
             return (tl.at(tl.marks[f"bench::{mark}"][0][0]) - tl.at(start)) - (gc_at[mark] - gc_at["start"])
 
         base = tl.at(start) + drift("before")
-        opt = [a for a, _ in tl.marks["bench::optimizer_step"] if s0 <= a <= s1][-1]
         phases = {}
         for label in ("forward", "backward", "optimizer_step"):
             for a, b in tl.marks.get(f"bench::{label}", []):
                 if s0 <= a <= s1:
                     phases[label] = max(phases.get(label, 0), tl.peak(a, b) - base)
         queue.put((rank, "ok", dict(
-            rank=rank, stage=stage, dp_rank=dp_rank, peak=tl.peak(s0, s1) - base, states=tl.at(opt) - base,
+            # model states: Python's view at the last optimizer step (no activation is alive
+            # then, so nothing is held only by autograd's C++ side)
+            rank=rank, stage=stage, dp_rank=dp_rank, peak=tl.peak(s0, s1) - base,
+            states=gc_at["optimizer_step"] - gc_at["start"],
             phases=phases, drift_in_step=drift("after") - drift("before"), loss=result.loss,
             rss_growth=(rss["peak"] - rss["start"]) if rss["reset"] else None)))
     except BaseException:
