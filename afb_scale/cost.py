@@ -375,8 +375,8 @@ def memory_per_device(model: ModelConfig, layout: Layout, stage: int | None = No
         # the step; each .grad passes through a reduce bucket of reduce_bucket_size elements,
         # allocated as backward starts and freed at its end (the pipeline engine's
         # reduce_gradients allocates a second one).
-        G_late["gradients meeting this rank's partition"] = 4 * (_partition_intersecting(params, d, dp_rank)
-                                                                if d > 1 else phi)  # dp_rank None: the most
+        G_late["gradients meeting this rank's partition"] = e_p * (_partition_intersecting(params, d, dp_rank)
+                                                                  if d > 1 else phi)  # dp_rank None: the most
         B_bwd["reduce bucket"] = DS_REDUCE_BUCKET * (e_p if L.precision == "fp16" else 4)
         B_bwd["param.grad in flight"] = e_p * largest
     else:
