@@ -19,7 +19,7 @@
    part 1 is printed too: evaluations x 2 decompositions per rank (each TP rank owns one of the
    2 layers) at the quickstart's D and N.
 
-    DS_ACCELERATOR=cpu python benchmarks/bench_spectral_overhead.py              # ~10 min on 2 cores
+    DS_ACCELERATOR=cpu python benchmarks/bench_spectral_overhead.py              # 10-20 min on 2 cores
     ... --pairs 1 --dims 512,1024                                                 # quicker
     ... --skip-quickstart --dims 512,1024,2048,4096,8192                          # part 1 only
 
