@@ -45,9 +45,14 @@ def _worker(rank, world_size, port, fn, args, queue):
             pass
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 300.0) -> list:
-    """fn(rank, world_size, *args) on each rank; returns the per-rank results in rank order."""
-    ctx = mp.get_context("fork")
+def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, start_method: str = "fork") -> list:
+    """fn(rank, world_size, *args) on each rank; returns the per-rank results in rank order.
+
+    start_method="spawn" starts fresh interpreters (seconds of imports each) for work that a
+    forked child can deadlock on: after the parent has run multi-threaded (OpenMP) kernels, a
+    forked child's first large parallel op can wait forever on a lock copied in its held state.
+    """
+    ctx = mp.get_context(start_method)
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

@@ -143,7 +143,9 @@ def _counted_flops(rank, world):
 
 @pytest.fixture(scope="module")
 def counted():
-    [result] = run_ranks(_counted_flops, 1, timeout=900)
+    # spawn: 125M-shape tensors in a child forked from this long-lived pytest process hung in
+    # the weight init's OpenMP region in a full-suite run.
+    [result] = run_ranks(_counted_flops, 1, timeout=900, start_method="spawn")
     return result
 
 
