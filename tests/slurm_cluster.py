@@ -32,6 +32,18 @@ REQUIRED_COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scontro
 HOSTS_MARKER = "# afb_scale test cluster"
 
 
+def require_slurm() -> None:
+    """In a test: skip when a real Slurm cannot be started here, or fail where it must be
+    (AFB_REQUIRE_SLURM=1, set by .ci/run)."""
+    import pytest
+
+    reason = missing_prerequisites()
+    if reason:
+        if os.environ.get("AFB_REQUIRE_SLURM") == "1":
+            pytest.fail(f"{reason} (AFB_REQUIRE_SLURM=1)")
+        pytest.skip(reason)
+
+
 def missing_prerequisites() -> str | None:
     """Why a real Slurm cannot be started here, or None when it can."""
     missing = [c for c in REQUIRED_COMMANDS if shutil.which(c) is None]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from launch_support import REPO, TINY_OVERRIDES, job_env, tiny_training  # noqa: F401  (tiny_training: fixture)
-from slurm_cluster import SlurmCluster, missing_prerequisites
+from slurm_cluster import SlurmCluster, require_slurm
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"
 QUICKSTART = REPO / "launch" / "quickstart.sh"
@@ -259,11 +259,7 @@ def probe_cpus(cluster: SlurmCluster, *srun_args: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def affinity_cluster(tmp_path_factory):
-    reason = missing_prerequisites()
-    if reason:
-        if os.environ.get("AFB_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (AFB_REQUIRE_SLURM=1)")
-        pytest.skip(reason)
+    require_slurm()
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs 2 CPUs to tell a 1-CPU step from a 2-CPU one")
     c = AffinityCluster(tmp_path_factory.mktemp("slurm-affinity"))

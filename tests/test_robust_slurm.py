@@ -23,7 +23,7 @@ from afb_scale import submit
 from afb_scale.config import ConfigError
 from afb_scale.train import read_metrics
 from launch_support import REPO, job_env, tiny_training  # noqa: F401  (tiny_training: fixture)
-from slurm_cluster import SlurmCluster, missing_prerequisites
+from slurm_cluster import SlurmCluster, require_slurm
 
 TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 EXAMPLE = REPO / "configs" / "cluster" / "example.yaml"
@@ -194,11 +194,7 @@ def test_submit_rejects_negative_step_retries():
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = missing_prerequisites()
-    if reason:
-        if os.environ.get("AFB_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (AFB_REQUIRE_SLURM=1)")
-        pytest.skip(reason)
+    require_slurm()
     with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
         yield c
 

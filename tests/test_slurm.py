@@ -24,7 +24,7 @@ from launch_support import (  # noqa: F401  (tiny_training is a fixture)
     tiny_training,
     wait_for_text,
 )
-from slurm_cluster import SlurmCluster, missing_prerequisites
+from slurm_cluster import SlurmCluster, require_slurm
 
 TRAIN_SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 LOCAL_CPU = REPO / "configs" / "cluster" / "local-cpu.yaml"
@@ -32,11 +32,7 @@ LOCAL_CPU = REPO / "configs" / "cluster" / "local-cpu.yaml"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = missing_prerequisites()
-    if reason:
-        if os.environ.get("AFB_REQUIRE_SLURM") == "1":
-            pytest.fail(f"{reason} (AFB_REQUIRE_SLURM=1)")
-        pytest.skip(reason)
+    require_slurm()
     c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
     with c:
         yield c
