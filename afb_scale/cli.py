@@ -32,7 +32,7 @@ for _message in (".*(Apex|Transformer Engine|TransformerEngine).*", "full scope 
 # AFBMLP on purpose (model/specs.py).
 logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
 
-from afb_scale.config import ConfigError, data_parallel_size, load_config, validate
+from afb_scale.config import ConfigError, load_config, validate
 from data_prep.errors import ArgumentParser
 
 EXIT_BAD_INPUT = 2
@@ -68,19 +68,19 @@ def _as_single_process(cfg) -> None:
                       WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
 
 
-def cmd_train(args) -> int:
+def cmd_train(args, callbacks=()) -> int:
     if not _launched():
         _as_single_process(load_config(args.config, args.overrides))
     world_size = int(os.environ["WORLD_SIZE"])
     cfg = _load_validated(args, world_size)
-    from afb_scale.data import check_prepared_data
+    from afb_scale.data.datasets import check_prepared_data
 
     check_prepared_data(cfg)  # tokenizer/model vocabulary and .bin/.idx pairs, before any group
-    from afb_scale import checkpoint, train
+    from afb_scale.training import checkpoint, trainer
 
     checkpoint.check_resume_model(cfg, cfg.train.run_dir)  # a resume with another model, before any group
 
-    return train.run(cfg, world_size)
+    return trainer.run(cfg, world_size, callbacks)
 
 
 def cmd_prepare_data(args) -> int:
@@ -177,11 +177,12 @@ def cmd_plan(args) -> int:
     validate(cfg, world_size, cuda_available=True)
     hw = _plan_hardware(args, cfg, world_size)
     from afb_scale import planner
-    from afb_scale.engine import deepspeed_config
+    from afb_scale.parallel.layout import ParallelLayout
+    from afb_scale.training.engine import deepspeed_config
 
     m = cfg.model
     print(f"layout: world {world_size} = TP {cfg.parallel.tensor} x PP {cfg.parallel.pipeline} "
-          f"x DP {data_parallel_size(cfg, world_size)}, ZeRO stage {cfg.parallel.zero_stage}"
+          f"x DP {ParallelLayout.of(cfg.parallel, world_size).data}, ZeRO stage {cfg.parallel.zero_stage}"
           f"{', sequence parallel' if cfg.parallel.sequence_parallel else ''}; "
           f"{hw.nodes} node(s) x {hw.gpus_per_node} device(s) of {hw.memory_gib:g} GiB")
     print(f"model: {m.ffn_kind}, {m.num_layers} layers, hidden {m.hidden_size}, heads {m.num_attention_heads}, "
@@ -191,7 +192,7 @@ def cmd_plan(args) -> int:
     if args.search:
         print(planner.render_search(planner.search(cfg, hw, world_size), hw, args.top))
     print("deepspeed config:")
-    print(json.dumps(deepspeed_config(cfg, world_size), indent=2))
+    print(json.dumps(deepspeed_config(cfg, ParallelLayout.of(cfg.parallel, world_size)), indent=2))
     return 0
 
 
@@ -262,10 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """The command line. `callbacks` (training.trainer.Callback objects) reach `train`: how a
+    script of your own runs `afb-scale train` with hooks, e.g. `cli.main(["train", "--config",
+    CONFIG], callbacks=[MyCallback()])` under torchrun."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["submit"]:  # its own parser, with its own config type (afb_scale/submit.py)
-        from afb_scale.submit import main as submit_main
+    if argv[:1] == ["submit"]:  # its own parser, with its own config type (afb_scale/cluster/submit.py)
+        from afb_scale.cluster.submit import main as submit_main
 
         return submit_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes and warns
     try:
-        return args.func(args)
+        return args.func(args, callbacks) if args.func is cmd_train else args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

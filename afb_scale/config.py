@@ -135,7 +135,7 @@ class TrainConfig:
     save_consolidated: bool = True
     # Seconds each start-up phase (rendezvous, process groups, dataset build and its cache
     # barrier, checkpoint discovery and load, the first step's collectives) may take before every
-    # rank exits with one line naming the phase (afb_scale/watchdog.py); also the process groups'
+    # rank exits with one line naming the phase (afb_scale/training/watchdog.py); also the process groups'
     # collective timeout.
     startup_timeout_s: float = 900.0
 
@@ -395,10 +395,6 @@ def _check_train_numbers(t: TrainConfig) -> None:
         raise ConfigError(f"train.seed={t.seed} must be between 0 and {2**32 - 1} (numpy's seed range)")
 
 
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
-
-
 def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None) -> None:
     """Every rule a run must satisfy, checked before any process group starts."""
     p, t = cfg.parallel, cfg.train
@@ -424,7 +420,9 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
             f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed's "
             "pipeline engine supports ZeRO stage 0 or 1 only"
         )
-    dp = data_parallel_size(cfg, world_size)
+    from afb_scale.parallel.layout import ParallelLayout
+
+    dp = ParallelLayout.of(p, world_size).data
     if t.micro_batch_size < 1:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be >= 1")
     _check_train_numbers(t)

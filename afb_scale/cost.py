@@ -191,7 +191,9 @@ class Layout:
     @classmethod
     def from_config(cls, cfg, world_size: int, device: str = "cuda") -> "Layout":
         p, t = cfg.parallel, cfg.train
-        d = world_size // (p.tensor * p.pipeline)
+        from afb_scale.parallel.layout import ParallelLayout
+
+        d = ParallelLayout.of(p, world_size).data
         return cls(tensor=p.tensor, pipeline=p.pipeline, data=d, zero_stage=p.zero_stage,
                    micro_batch=t.micro_batch_size, grad_accum=t.global_batch_size // (t.micro_batch_size * d),
                    sequence_parallel=p.sequence_parallel, checkpointing=t.activation_checkpointing,

@@ -9,7 +9,7 @@ Why each piece exists (each was a crash or a silent error on the GPU path before
 - megatron-core's attention, and with sequence parallelism its embedding and transformer block,
   fork the "model-parallel-rng" CUDA RNG state even at dropout 0; on CUDA it must be created by
   `model_parallel_cuda_manual_seed` after the parallel groups exist (`seed_model_parallel_rng`).
-  Without CUDA, cpu_shims installs a tracker whose fork is a no-op instead.
+  Without CUDA, compat/megatron.py installs a tracker whose fork is a no-op instead.
 - Under `srun --gpu-bind` or `--gpus-per-task` each task sees only its own GPU, while LOCAL_RANK
   (SLURM_LOCALID) still counts the node's tasks: `local_device_index` uses LOCAL_RANK only where
   it names a visible device.
@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from afb_scale import cpu_shims
+from afb_scale.compat import megatron as megatron_compat
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -66,7 +66,7 @@ def setup() -> torch.device:
         index = local_device_index(int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
-    cpu_shims.apply()
+    megatron_compat.apply()
     return torch.device("cpu")
 
 
@@ -80,7 +80,7 @@ def seed_model_parallel_rng(seed: int) -> None:
     On CUDA, `model_parallel_cuda_manual_seed` seeds the default CUDA generator with `seed` and
     creates the tracker's "model-parallel-rng" state with a per-TP-rank offset (dropout inside
     tensor-parallel regions differs per shard, as megatron intends). Without CUDA the tracker
-    stays the no-op one from cpu_shims.
+    stays the no-op one from compat/megatron.py.
     """
     torch.manual_seed(seed)
     if cuda_available():
@@ -88,7 +88,7 @@ def seed_model_parallel_rng(seed: int) -> None:
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
-        cpu_shims.reset_rng_tracker()
+        megatron_compat.reset_rng_tracker()
 
 
 def rng_state() -> dict:

@@ -41,7 +41,7 @@ EXPORT_FORMAT = "afb_scale-export-1"
 
 
 def _checkpoint_of(src: Path) -> tuple[Path, dict]:
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     if (src / checkpoint.MARKER).exists() or checkpoint._TAG.match(src.name):
         marker, reason = checkpoint.verify(src)
@@ -58,9 +58,9 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
     """Write the export directory (atomically: staged beside OUT_DIR, renamed at the end)."""
     from safetensors.torch import save_file
 
-    from afb_scale.checkpoint import describe_file
+    from afb_scale.training.checkpoint import describe_file
     from afb_scale.config import dump_config, load_config
-    from afb_scale.reshard import read_consolidated
+    from afb_scale.training.reshard import read_consolidated
 
     tag_dir, marker = _checkpoint_of(Path(src))
     out = Path(out_dir)
@@ -120,7 +120,7 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = True):
     """(megatron-core GPTModel with the exported weights, in eval mode on CPU, the run's Config)."""
     from safetensors.torch import load_file
 
-    from afb_scale.checkpoint import describe_file
+    from afb_scale.training.checkpoint import describe_file
     from afb_scale.config import ParallelConfig, load_config
     from afb_scale.model.gpt import build_gpt_model
 
@@ -161,7 +161,7 @@ def lm_loss(model, tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 def validation_loss(model, cfg) -> float:
     """The run's validation loss: its first `train.eval_iters` validation global batches, each
     the mean over its micro-batches, then averaged (what training prints)."""
-    from afb_scale.data import build_datasets, samples_needed
+    from afb_scale.data.datasets import build_datasets, samples_needed
 
     _, valid, _ = build_datasets(cfg, samples_needed(cfg))
     G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size

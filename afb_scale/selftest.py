@@ -103,7 +103,7 @@ def _metrics_lines(run_dir: Path) -> list[dict]:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    from afb_scale.train import read_metrics
+    from afb_scale.metrics.metrics_file import read_metrics
 
     path = run_dir / "metrics.jsonl"
     return {s: r["loss"] for s, r in read_metrics(path).items()} if path.exists() else {}
@@ -204,7 +204,7 @@ def _check_run(case: Case, run_dir: Path, proc, results: dict[str, Result], log:
 def _check_resume(src: Path, args, data_dir: Path, out: Path) -> Result:
     """Delete the bf16 run's final checkpoint and rerun: it resumes mid-run, and the redone steps
     must reproduce the first attempt's losses bit for bit (optimizer, RNG, data position)."""
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     res = Result("bf16-afb-resume", ok=False)
     final = checkpoint.checkpoint_dir(src) / checkpoint.tag_for(args.steps)

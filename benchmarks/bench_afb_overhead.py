@@ -60,9 +60,10 @@ def init_one_process_group(device: str) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    from afb_scale.parallel import init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(1, 1)
+    init_distributed(ParallelConfig())
 
 
 def model_config(args, d: int, heads: int, kind: str):

@@ -1,7 +1,7 @@
 """Training throughput and MFU of the real engine on one GPU: base FFN vs AFB-FFN, per size.
 
 For each size (configs/size/<name>.yaml), FFN kind and activation-checkpointing setting, this
-builds the training engine a run uses (`afb_scale.engine.Engine`, DeepSpeed, bf16 at ZeRO-1 on
+builds the training engine a run uses (`afb_scale.training.engine.Engine`, DeepSpeed, bf16 at ZeRO-1 on
 GPU), feeds it synthetic random tokens at the config's sequence length, one micro-batch per
 optimizer step (global batch = micro batch), and times --steps steps after --warmup. MFU is
 `afb_scale.cost.mfu` (model FLOPs: full s x s attention, no recompute counted) against --peak.
@@ -67,13 +67,17 @@ def parse_args():
     return a
 
 
-def init_one_process() -> None:
+LAYOUT = None
+
+
+def init_one_process():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29531")
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    from afb_scale.parallel import init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(1, 1, seed=ARGS.seed)
+    return init_distributed(ParallelConfig(), seed=ARGS.seed)
 
 
 def make_config(size: str, ffn: str, ckpt: bool, micro: int):
@@ -109,10 +113,10 @@ def sync() -> None:
 
 def time_engine(cfg) -> dict:
     """Build the engine, run warm-up + timed steps; raises torch.OutOfMemoryError if it does not fit."""
-    from afb_scale.engine import Engine
+    from afb_scale.training.engine import Engine
 
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's bf16 optimizer prints memory stats
-        engine = Engine(cfg, world_size=1)
+        engine = Engine(cfg, LAYOUT)
     try:
         batch = synthetic_batch(cfg)
         times = []
@@ -237,7 +241,8 @@ def main():
     sizes, kinds = ARGS.sizes.split(","), ARGS.ffn.split(",")
     micro_batches = [int(m) for m in ARGS.micro_batches.split(",")]
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[ARGS.ckpt]
-    init_one_process()
+    global LAYOUT
+    LAYOUT = init_one_process()  # TP = PP = DP = 1: every config here runs on it
     dev = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# Training MFU on {dev}: torch {torch.__version__}, "
           f"{'bf16, ZeRO-1' if gpu else 'fp32, ZeRO-0'}, peak {ARGS.peak / 1e12:.0f} TFLOP/s, "
@@ -276,6 +281,6 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        from afb_scale.parallel import destroy_distributed
+        from afb_scale.parallel.groups import destroy_distributed
 
         destroy_distributed()

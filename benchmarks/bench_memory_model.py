@@ -1,7 +1,7 @@
 """The planner's memory model (afb_scale/cost.py) against measured peak memory per rank.
 
 For each case (a model size, FFN kind, layout, precision, micro batch, checkpointing) this
-builds the real training engine (`afb_scale.engine.Engine`: megatron-core GPTModel under
+builds the real training engine (`afb_scale.training.engine.Engine`: megatron-core GPTModel under
 DeepSpeed) on `world` CPU ranks (forked, gloo), trains a few steps on random tokens and
 measures on every rank:
 
@@ -252,12 +252,12 @@ def rank_main(rank: int, world: int, port: int, case: Case, steps: int, queue) -
         from afb_scale.config import data_parallel_size, validate
 
         validate(cfg, world)
-        from afb_scale.parallel import init_distributed
+        from afb_scale.parallel.groups import init_distributed
 
-        init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
+        layout = init_distributed(cfg.parallel, seed=cfg.train.seed)
         from megatron.core import parallel_state
 
-        from afb_scale.engine import Engine
+        from afb_scale.training.engine import Engine
 
         dp, dp_rank = data_parallel_size(cfg, world), parallel_state.get_data_parallel_rank()
         stage = parallel_state.get_pipeline_model_parallel_rank()
@@ -267,7 +267,7 @@ def rank_main(rank: int, world: int, port: int, case: Case, steps: int, queue) -
             with record_function("bench::start"):
                 gc_at["start"] = gc_live_bytes()
             with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's start-up chatter
-                engine = Engine(cfg, world)
+                engine = Engine(cfg, layout)
             _mark_phases(engine)
             inner_step = engine.engine._take_model_step
 
@@ -320,7 +320,7 @@ def rank_main(rank: int, world: int, port: int, case: Case, steps: int, queue) -
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         try:
-            from afb_scale.parallel import destroy_distributed
+            from afb_scale.parallel.groups import destroy_distributed
 
             destroy_distributed()
         except Exception:
@@ -369,7 +369,7 @@ def main() -> int:
     from afb_scale.cost import Layout, memory_per_device
 
     # Import megatron-core and DeepSpeed once here: every forked rank inherits them.
-    import afb_scale.engine  # noqa: F401, E402
+    import afb_scale.training.engine  # noqa: F401, E402
 
     cases = [c for c in CASES if c.quick or not args.quick]
     if args.cases:

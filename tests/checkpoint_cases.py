@@ -88,20 +88,29 @@ def overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+FAULTS = ("AFB_TEST_KILL_AT", "AFB_TEST_INJECT_NAN", "AFB_TEST_SAVE_DELAY")
+
+
 def _env(extra_env: dict | None) -> dict:
     env = dict(os.environ)
-    for k in ("AFB_TEST_KILL_AT", "AFB_TEST_INJECT_NAN", "AFB_TEST_SAVE_DELAY"):
+    for k in FAULTS:
         env.pop(k, None)
-    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}", DS_ACCELERATOR="cpu",
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}{os.pathsep}{env.get('PYTHONPATH', '')}",
+               DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra_env or {})
     return env
+
+
+def _entry(extra_env: dict | None) -> list[str]:
+    """The real command line, or -- when the test asks for faults -- the same command run by
+    tests/fault_injection.py, which adds them through the Trainer's callbacks."""
+    return ["-m", "fault_injection" if set(extra_env or {}) & set(FAULTS) else "afb_scale.cli"]
 
 
 def torchrun(nproc: int, args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
     """`torchrun --standalone -m afb_scale.cli train --config configs/quickstart.yaml ARGS`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml", *args]
+           *_entry(env), "train", "--config", "configs/quickstart.yaml", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
@@ -133,7 +142,7 @@ class Ranks:
             e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                      WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc))
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml", *args],
+                [sys.executable, *_entry(env), "train", "--config", "configs/quickstart.yaml", *args],
                 cwd=REPO, env=e, stdout=self.out, stderr=subprocess.STDOUT, start_new_session=True))
 
     def text(self) -> str:
@@ -161,7 +170,7 @@ class Ranks:
 
 def losses(run_dir: Path) -> dict[int, tuple]:
     """step -> (loss, grad_norm, lr, consumed_samples), the last record of each step."""
-    from afb_scale.train import read_metrics
+    from afb_scale.metrics.metrics_file import read_metrics
 
     return {s: (r["loss"], r["grad_norm"], r["lr"], r["consumed_samples"])
             for s, r in read_metrics(run_dir / "metrics.jsonl").items()}

@@ -44,13 +44,13 @@ def run_engine(rank, world, overrides):
     from megatron.core import parallel_state
 
     from afb_scale.config import validate
-    from afb_scale.engine import Engine
-    from afb_scale.parallel import init_distributed
+    from afb_scale.training.engine import Engine
+    from afb_scale.parallel.groups import init_distributed
 
     cfg = tiny_config(**overrides)
     validate(cfg, world)
-    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
-    engine = Engine(cfg, world)
+    layout = init_distributed(cfg.parallel)
+    engine = Engine(cfg, layout)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     losses, norms = [], []
     for batch in text_batches(cfg.train.steps, cfg.train.global_batch_size):

@@ -37,7 +37,7 @@ def _worker(rank, world_size, port, fn, args, queue):
     except BaseException:  # report any failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
-        from afb_scale.parallel import destroy_distributed
+        from afb_scale.parallel.groups import destroy_distributed
 
         try:
             destroy_distributed()

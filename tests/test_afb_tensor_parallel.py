@@ -43,9 +43,10 @@ def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
     from afb_scale.model.parallel_afb import AFBMLP, megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import gather_full_state, load_full_state
-    from afb_scale.parallel import init_distributed, sum_sequence_parallel_grads_over_tp
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed, sum_sequence_parallel_grads_over_tp
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     model_cfg = ModelConfig(hidden_size=D, num_attention_heads=4, ffn_hidden_size=F_HIDDEN,
                             ffn_kind=f"afb-{base}", feedback_rank=R)
     tc = transformer_config(model_cfg, ParallelConfig(tensor=world, sequence_parallel=sequence_parallel))
@@ -107,9 +108,9 @@ def _identity_rank(rank, world, base):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import transformer_config
     from afb_scale.model.specs import transformer_layer_spec
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(1, 1)
+    init_distributed(ParallelConfig())
     out = {}
     for kind in (base, f"afb-{base}"):
         cfg = ModelConfig(hidden_size=D, num_attention_heads=4, ffn_hidden_size=F_HIDDEN, ffn_kind=kind, feedback_rank=R)

@@ -52,7 +52,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
 def test_damaged_checkpoint_is_skipped_in_one_line(kind, run_copy, capsys):
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     damage, reason = DAMAGE[kind]
     damage(run_copy / "checkpoints" / NEWEST)
@@ -63,17 +63,18 @@ def test_damaged_checkpoint_is_skipped_in_one_line(kind, run_copy, capsys):
 
 
 def _find_on_ranks(rank, world, run_dir):
-    from afb_scale import checkpoint
-    from afb_scale.parallel import init_distributed
+    from afb_scale.training import checkpoint
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed()
+    init_distributed(ParallelConfig())
     said = []
     found = checkpoint.find_complete(run_dir, announce=said.append)
     return found[0].name, said
 
 
 def test_two_ranks_agree_on_a_bit_flip_only_one_of_them_reads(run_copy):
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     marker = json.loads((run_copy / "checkpoints" / NEWEST / "COMPLETE").read_text())
     for name in sorted(marker["files"])[1::2]:  # files rank 1 hashes
@@ -87,7 +88,7 @@ def test_two_ranks_agree_on_a_bit_flip_only_one_of_them_reads(run_copy):
 
 
 def test_only_incomplete_saves_mean_a_fresh_start_but_only_corrupt_ones_stop(run_copy):
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     for tag in (NEWEST, PREVIOUS):
         (run_copy / "checkpoints" / tag / "COMPLETE").unlink()
@@ -101,7 +102,7 @@ def test_only_incomplete_saves_mean_a_fresh_start_but_only_corrupt_ones_stop(run
 
 
 def test_retention_keeps_the_newest_complete_and_drops_abandoned_saves(tmp_path):
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     ckpt = tmp_path / "checkpoints"
     for step, complete in [(3, True), (6, True), (7, False), (9, True), (12, False)]:
@@ -116,7 +117,7 @@ def test_retention_keeps_the_newest_complete_and_drops_abandoned_saves(tmp_path)
 
 def test_the_newest_complete_checkpoint_wins_whatever_latest_says(run_copy):
     # A kill between writing COMPLETE and replacing `latest` leaves `latest` one behind.
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
 
     (run_copy / "checkpoints" / "latest").write_text(PREVIOUS)
     assert checkpoint.find_complete(run_copy)[0].name == NEWEST

@@ -1,7 +1,7 @@
 """Non-finite steps are never trained on; too many in a row stop the run with the step named.
 
-Engine level, on real ranks: after two good steps a NaN loss is injected (the test hook the
-training loop uses); the step must report `applied=False`, leave every weight (gathered over
+Engine level, on real ranks: after two good steps a NaN loss is injected (tests/fault_injection.py
+patches the loss in the test process); the step must report `applied=False`, leave every weight (gathered over
 TP/PP/ZeRO-3) and the LR exactly as they were, and the next step must train normally -- on each
 path that guards differently: ZeRO-0 (our guard in engine.py), ZeRO-1 and ZeRO-3 (DeepSpeed's
 overflow check), pipeline and tensor parallel.
@@ -23,25 +23,25 @@ from multiproc import run_ranks
 
 
 def _skip_on_nan(rank, world, overrides_):
-    from afb_scale import reshard
     from engine_cases import rank_micro_batches, text_batches, tiny_config
-    from megatron.core import parallel_state
+    from fault_injection import poisoned_loss
+
+    from afb_scale.training import reshard
 
     from afb_scale.config import validate
-    from afb_scale.engine import Engine
-    from afb_scale.parallel import init_distributed
+    from afb_scale.training.engine import Engine
+    from afb_scale.parallel.groups import init_distributed
 
     cfg = tiny_config(**overrides_)
     validate(cfg, world)
-    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
-    engine = Engine(cfg, world)
-    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    batches = [rank_micro_batches(b, cfg.train.micro_batch_size, dp_rank, dp) for b in text_batches(4, 8)]
+    layout = init_distributed(cfg.parallel)
+    engine = Engine(cfg, layout)
+    batches = [rank_micro_batches(b, cfg.train.micro_batch_size, layout.data_rank, layout.data)
+               for b in text_batches(4, 8)]
     out = [engine.train_batch(batches[0]), engine.train_batch(batches[1])]
     before, lr_before = reshard.gather_stage(engine), engine.scheduler.get_last_lr()[0]
-    engine.loss_fn.inject_nan = True
-    out.append(engine.train_batch(batches[2]))
-    engine.loss_fn.inject_nan = False
+    with poisoned_loss():
+        out.append(engine.train_batch(batches[2]))
     after, lr_after = reshard.gather_stage(engine), engine.scheduler.get_last_lr()[0]
     out.append(engine.train_batch(batches[3]))
     unchanged = before is None or all(torch.equal(before[k], after[k]) for k in before)
@@ -67,8 +67,9 @@ def test_nan_step_is_skipped_and_changes_nothing(world, overrides_):
 
 
 def test_run_skips_isolated_nan_and_stops_after_max_bad_steps(tmp_path):
-    from afb_scale import checkpoint
-    from afb_scale.train import EXIT_NON_FINITE, read_metrics
+    from afb_scale.training import checkpoint
+    from afb_scale.metrics.metrics_file import read_metrics
+    from afb_scale.training.trainer import EXIT_NON_FINITE
 
     run_dir = tmp_path / "run"
     args = overrides(corpus(), run_dir, **{"parallel.tensor": 1, "parallel.zero_stage": 0, "train.max_bad_steps": 2})

@@ -18,8 +18,8 @@ from checkpoint_cases import LAYOUTS, STEPS, Ranks, corpus, final_val_loss, loss
 
 
 def test_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path):
-    from afb_scale import checkpoint
-    from afb_scale.preemption import REQUEUE_EXIT_CODE
+    from afb_scale.training import checkpoint
+    from afb_scale.training.preemption import REQUEUE_EXIT_CODE
 
     nproc, parallel = LAYOUTS["dp2-zero1"]
     run_dir = tmp_path / "run"

@@ -27,29 +27,27 @@ RTOL = 2e-6  # another TP/PP layout sums in another order; a wrong weight moves 
 def _resume_elsewhere(rank, world, run_dir, parallel):
     import math
 
-    from megatron.core import parallel_state
-
-    from afb_scale import checkpoint
+    from afb_scale.training import checkpoint
     from afb_scale.config import load_config, validate
-    from afb_scale.data import build_datasets, samples_needed
-    from afb_scale.engine import Engine, lr_at
-    from afb_scale.parallel import init_distributed
-    from afb_scale.train import rank_micro_batches
+    from afb_scale.data.datasets import build_datasets, samples_needed
+    from afb_scale.training.engine import Engine, lr_at
+    from afb_scale.parallel.groups import init_distributed
+    from afb_scale.data.batches import rank_micro_batches
 
     cfg = load_config(run_dir / "config.yaml", [f"parallel.{k}={v}" for k, v in parallel.items()])
     validate(cfg, world)
-    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
-    plan = checkpoint.resume_plan(cfg, world, run_dir)
-    assert plan is not None and not plan["same_layout"]
-    engine = Engine(cfg, world, initial_weights=plan.pop("weights"))
-    state = checkpoint.load(engine, plan)
+    layout = init_distributed(cfg.parallel)
+    plan = checkpoint.resume_plan(cfg, layout, run_dir)
+    assert plan is not None and not plan.same_layout
+    engine = Engine(cfg, layout, initial_weights=plan.weights)
+    restored = checkpoint.load(engine, plan)
     _, valid, _ = build_datasets(cfg, samples_needed(cfg))
-    dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-    G = cfg.train.global_batch_size
-    losses = [engine.evaluate(rank_micro_batches(valid, i * G, cfg, dp_rank, dp))[0] for i in range(cfg.train.eval_iters)]
+    G, mb = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    losses = [engine.evaluate(rank_micro_batches(valid, i * G, G, mb, layout.data_rank, layout.data))[0]
+              for i in range(cfg.train.eval_iters)]
     lr = engine.scheduler.get_last_lr()[0]
     assert math.isclose(lr, lr_at(STEPS, cfg), rel_tol=1e-12), (lr, lr_at(STEPS, cfg))
-    return state["step"], state["consumed_samples"], sum(losses) / len(losses)
+    return restored.step, restored.consumed_samples, sum(losses) / len(losses)
 
 
 @pytest.mark.parametrize("source, world, parallel", [

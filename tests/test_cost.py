@@ -32,9 +32,9 @@ def small(**kw) -> ModelConfig:
 
 def _built_counts(rank, world):
     from afb_scale.model.gpt import build_gpt_model
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(1, 1)
+    init_distributed(ParallelConfig())
     return [sum(p.numel() for p in build_gpt_model(small(**case)).parameters()) for case in CASES]
 
 
@@ -47,9 +47,9 @@ def test_parameter_count_matches_built_model():
 def _built_per_rank(rank, world):
     from afb_scale.config import ParallelConfig
     from afb_scale.model.gpt import build_gpt_model
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     return [{k: p.numel() for k, p in build_gpt_model(small(**case), ParallelConfig(tensor=world)).named_parameters()}
             for case in CASES[::5]]
 
@@ -121,9 +121,9 @@ def _counted_flops(rank, world):
 
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
     from afb_scale.model.lm_loss import LMLoss
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(1, 1)
+    init_distributed(ParallelConfig())
     torch.set_num_threads(2)
 
     def count(model, recompute=False):
@@ -321,9 +321,9 @@ def _gathered(rank, world):
     import torch
 
     from afb_scale.metrics.throughput import gather_memory
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(1, 1)
+    init_distributed(ParallelConfig())
     keep = torch.ones(int(2e8) if rank == 1 else 1, dtype=torch.uint8) + 1  # rank 1 touches 200 MB more
     scalars, per_rank = gather_memory(torch.device("cpu"))
     return scalars, per_rank, int(keep[0])

@@ -18,11 +18,12 @@ def one_rank():
     """A one-process NCCL group with megatron-core's groups and the model-parallel RNG."""
     from multiproc import free_port
 
-    from afb_scale.parallel import destroy_distributed, init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import destroy_distributed, init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0")
-    init_distributed(1, 1, seed=5)
+    init_distributed(ParallelConfig(), seed=5)
     yield
     destroy_distributed()
 

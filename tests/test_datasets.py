@@ -1,4 +1,4 @@
-"""afb_scale.data: megatron-core GPT datasets over prepared corpora, blends, and bad data."""
+"""afb_scale.data.datasets: megatron-core GPT datasets over prepared corpora, blends, and bad data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from afb_scale.config import Config, ConfigError, DatasetEntry
-from afb_scale.data import (
+from afb_scale.data.datasets import (
     SentencePieceGPTTokenizer,
     build_datasets,
     check_tokenizer_vocab,

@@ -47,11 +47,12 @@ def test_rng_state_on_cpu_has_no_cuda_part():
 
 def _ds_config(*overrides, world=4):
     from afb_scale.config import load_config, validate
-    from afb_scale.engine import deepspeed_config
+    from afb_scale.parallel.layout import ParallelLayout
+    from afb_scale.training.engine import deepspeed_config
 
     cfg = load_config("configs/quickstart.yaml", list(overrides))
     validate(cfg, world, cuda_available=True)
-    return deepspeed_config(cfg, world)
+    return deepspeed_config(cfg, ParallelLayout.of(cfg.parallel, world))
 
 
 def test_bf16_accumulates_and_reduces_gradients_in_fp32():
@@ -82,9 +83,10 @@ def test_supported_bf16_zero_stages(zero_stage, ok):
 def _model_norms(rank, world, normalization, sequence_parallel):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model
-    from afb_scale.parallel import init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=128,
                       normalization=normalization)
     model = build_gpt_model(cfg, ParallelConfig(tensor=world, sequence_parallel=sequence_parallel))
@@ -106,9 +108,9 @@ def test_norms_are_torch_and_marked_for_sequence_parallel(normalization):
 def _sdpa_vs_local(rank, world, dropout):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     tokens = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(1))
     out = {}
     for attention in ("sdpa", "local"):
@@ -133,9 +135,9 @@ def test_sdpa_attention_matches_megatron_attention(world):
 
 
 def _any_rank(rank, world):
-    from afb_scale.parallel import any_rank, init_distributed
+    from afb_scale.parallel.groups import any_rank, init_distributed
 
-    init_distributed(1, 1)
+    init_distributed(ParallelConfig())
     return any_rank(torch.device("cpu"), rank == 1, False, rank == 0)
 
 

@@ -63,7 +63,7 @@ def test_dockerignore_keeps_local_state_out():
 
 # ---- the GPU build's own checks (a Dockerfile that lints clean can still have dropped them) ----
 
-GPU_TRAINING_MODULES = {"afb_scale.engine", "afb_scale.train", "afb_scale.model.gpt", "afb_scale.model.pipeline"}
+GPU_TRAINING_MODULES = {"afb_scale.training.engine", "afb_scale.training.trainer", "afb_scale.model.gpt", "afb_scale.model.pipeline"}
 CONSTRAINT_CHECK = REPO / "docker" / "check_pip_constraints.py"
 
 

@@ -16,9 +16,10 @@ def _gpt_rank(rank, world, ffn_kind):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
     from afb_scale.model.tp_layout import gather_full_state, load_full_state
-    from afb_scale.parallel import init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     tp_group = parallel_state.get_tensor_model_parallel_group()
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_kind=ffn_kind,
                       feedback_rank=8, seq_length=SEQ, vocab_size=VOCAB)

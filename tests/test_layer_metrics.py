@@ -39,9 +39,10 @@ def _tp_stats(rank, world, base, state, x):
     from afb_scale.model.parallel_afb import megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import load_full_state
-    from afb_scale.parallel import init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     cfg = ModelConfig(hidden_size=D, num_attention_heads=4, ffn_hidden_size=F_HIDDEN, ffn_kind=f"afb-{base}", feedback_rank=R)
     mlp = build_module(transformer_layer_spec(cfg.ffn_kind, R).submodules.mlp, config=transformer_config(cfg, ParallelConfig(tensor=world)))
     load_full_state(mlp, megatron_state_from_reference(state, base == "swiglu"), rank, world)

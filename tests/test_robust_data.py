@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from afb_scale.config import Config, ConfigError, DatasetEntry
-from afb_scale.data import build_datasets, check_prepared_data, samples_needed
+from afb_scale.data.datasets import build_datasets, check_prepared_data, samples_needed
 from data_prep.default_corpus import stdlib_sources
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def make_config(small: dict, cache: Path, blend: list[tuple[str, float]], split:
 _BUILD = """
 import sys
 from afb_scale.config import Config, DatasetEntry
-from afb_scale.data import build_datasets, samples_needed
+from afb_scale.data.datasets import build_datasets, samples_needed
 tokenizer, cache, *blend = sys.argv[1:]
 cfg = Config()
 cfg.model.vocab_size, cfg.model.seq_length = 512, 64

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from afb_scale import submit
+from afb_scale.cluster import submit
 from afb_scale.config import ConfigError
 from launch_support import REPO, job_env, wait_for_text
 

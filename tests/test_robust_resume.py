@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-from afb_scale import checkpoint, cli
+from afb_scale.training import checkpoint
+
+from afb_scale import cli
 from afb_scale.config import ConfigError, load_config, validate
 from checkpoint_cases import REPO, Ranks, corpus, scratch, torchrun
 from checkpoint_cases import overrides as run_overrides

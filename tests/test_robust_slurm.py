@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from afb_scale import submit
+from afb_scale.cluster import submit
 from afb_scale.config import ConfigError
-from afb_scale.train import read_metrics
+from afb_scale.metrics.metrics_file import read_metrics
 from launch_support import REPO, job_env, tiny_training  # noqa: F401  (tiny_training: fixture)
 from slurm_cluster import SlurmCluster, require_slurm
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from afb_scale import submit
+from afb_scale.cluster import submit
 from launch_support import (  # noqa: F401  (tiny_training is a fixture)
     REPO,
     assert_run_dir_complete,

@@ -228,9 +228,10 @@ def _tp_spectra(rank, world, cases, sequence_parallels):
     from afb_scale.model.parallel_afb import megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import load_full_state
-    from afb_scale.parallel import init_distributed
+    from afb_scale.config import ParallelConfig
+    from afb_scale.parallel.groups import init_distributed
 
-    init_distributed(world, 1)
+    init_distributed(ParallelConfig(tensor=world))
     group = parallel_state.get_tensor_model_parallel_group()
     out = {}
     for kind, (state, x) in cases.items():
@@ -289,15 +290,15 @@ def _engine_spectra(rank, world, overrides):
     from megatron.core import parallel_state
 
     from afb_scale.config import validate
-    from afb_scale.engine import Engine
+    from afb_scale.training.engine import Engine
     from afb_scale.metrics.spectral import probe_spectral_metrics
-    from afb_scale.parallel import init_distributed
+    from afb_scale.parallel.groups import init_distributed
     from engine_cases import rank_micro_batches, text_batches, tiny_config
 
     cfg = tiny_config(**overrides)
     validate(cfg, world)
-    init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline)
-    engine = Engine(cfg, world)
+    layout = init_distributed(cfg.parallel)
+    engine = Engine(cfg, layout)
     dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     [batch] = text_batches(1, cfg.train.global_batch_size)
     engine.train_batch(rank_micro_batches(batch, cfg.train.micro_batch_size, dp_rank, dp))  # off init

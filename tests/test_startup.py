@@ -59,7 +59,7 @@ def test_rendezvous_that_never_completes_ends_in_one_line(default_corpus, tmp_pa
 
 
 def test_watchdog_phase_that_blocks(tmp_path):
-    code = ("import time; from afb_scale.watchdog import StartupWatchdog\n"
+    code = ("import time; from afb_scale.training.watchdog import StartupWatchdog\n"
             "w = StartupWatchdog(1.0)\n"
             "with w.phase('checkpoint discovery'): pass\n"  # a phase that ends disarms its timer
             "time.sleep(1.5)\n"

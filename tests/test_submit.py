@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from afb_scale import submit
+from afb_scale.cluster import submit
 from afb_scale.config import ConfigError
-from afb_scale.launch_env import REQUEUE_EXIT_CODE
+from afb_scale.cluster.launch_env import REQUEUE_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "cluster" / "example.yaml"

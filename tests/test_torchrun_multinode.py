@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from afb_scale.launch_env import REQUEUE_EXIT_CODE
+from afb_scale.cluster.launch_env import REQUEUE_EXIT_CODE
 from launch_support import REPO, assert_run_dir_complete, free_port, job_env, tiny_training, wait_for_text  # noqa: F401
 
 TORCHRUN_SH = REPO / "launch" / "torchrun.sh"

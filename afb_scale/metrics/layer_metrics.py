@@ -111,3 +111,11 @@ class ActivationDrift:
                 drift[name] = ((st.mean_activation - prev).norm() / (prev.norm() + self.eps)).item()
             self.previous[name] = st.mean_activation.clone()
         return drift
+
+    # Saved with every checkpoint: the first drift after a resume compares with the last probe
+    # before it, as in an uninterrupted run.
+    def state_dict(self) -> dict:
+        return {"previous": {k: v.detach().cpu() for k, v in self.previous.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous = dict(state["previous"])

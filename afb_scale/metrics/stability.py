@@ -42,3 +42,14 @@ class StabilityTracker:
         else:
             var, cv = 0.0, 0.0
         return StabilitySnapshot(var, cv, spike, self.spikes)
+
+    # Saved with every checkpoint, so a resumed run's windows and spike count continue.
+    def state_dict(self) -> dict:
+        return {"grad_norms": list(self.grad_norms), "losses": list(self.losses), "spikes": self.spikes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.grad_norms.clear()
+        self.grad_norms.extend(state["grad_norms"])
+        self.losses.clear()
+        self.losses.extend(state["losses"])
+        self.spikes = state["spikes"]

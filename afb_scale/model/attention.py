@@ -64,7 +64,7 @@ class SDPAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         if dropout > 0.0 and not self.config.sequence_parallel:
             # Heads are split over TP ranks: draw their dropout from megatron's model-parallel
-            # RNG, as DotProductAttention does (a no-op tracker without CUDA, cpu_shims.py).
+            # RNG, as DotProductAttention does (a no-op tracker without CUDA, compat/megatron.py).
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True,
                                                          scale=self.softmax_scale)

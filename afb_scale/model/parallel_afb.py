@@ -147,6 +147,9 @@ def afb_mlp_spec(feedback_rank: int, feedback_out_init_std: float = 0.0) -> Modu
 def megatron_state_from_reference(ref: dict[str, torch.Tensor], gated: bool) -> dict[str, torch.Tensor]:
     """Full (TP=1) AFBMLP / MLP tensors from ReferenceAFBFFN's, by megatron-core's names.
 
+    Public API: how weights of the single-device reference (afb.py) enter the tensor-parallel
+    layer (with tp_layout.load_full_state); the TP invariance tests hold the two to each other with it.
+
     SwiGLU's fc1 is [W1; W3] and the feedback write is [Ub; Ug]; sharding with stride 2 (see
     tp_layout.py) then gives rank k [W1_k; W3_k] and [Ub_k; Ug_k].
     """

@@ -6,6 +6,9 @@ along `partition_dim` and rank k holds chunks k, k+t, ..., concatenated -- exact
 megatron's CPU initialisation (`_initialize_affine_weight_cpu`) does. That one rule covers
 column- and row-parallel linears, the vocab-parallel embedding, SwiGLU's fused [W1; W3] and
 AFB's fused [Ub; Ug]. Parameters without the marker are replicated.
+
+Public API: reshard.py uses the tensor functions; `gather_full_state` / `load_full_state` are
+for scripts (and the TP invariance tests) that move a module's state between TP degrees in memory.
 """
 
 from __future__ import annotations

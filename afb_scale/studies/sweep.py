@@ -11,7 +11,7 @@ A sweep file (configs/studies/*.yaml):
 
 The same expansion serves a local sequential runner (`afb-scale sweep --run`) and a Slurm
 array job, one task per run (`afb-scale sweep --submit configs/cluster/X.yaml`, through
-afb_scale/submit.py, which gives each array task its own run directory).
+afb_scale/cluster/submit.py, which gives each array task its own run directory).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def run_locally(runs: list[SweepRun], nproc: int) -> int:
 
 def submit_array(runs: list[SweepRun], cluster_config: str, dry_run: bool) -> int:
     """One Slurm array job, a task per run, rendered by afb-scale submit."""
-    from afb_scale import submit
+    from afb_scale.cluster import submit
 
     job = submit.load_job(cluster_config)
     validate_all(runs, job.nodes * submit.nproc_per_node(job))

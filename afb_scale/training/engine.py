@@ -1,4 +1,7 @@
-"""The DeepSpeed engine, configured from afb_scale's config (the only DeepSpeed contact).
+"""The DeepSpeed engine, configured from afb_scale's config.
+
+With compat/deepspeed.py (the patches) and checkpoint.py (save/load through the engine), the
+only modules that touch DeepSpeed.
 
 Two paths, chosen by `parallel.pipeline`:
 - PP = 1: megatron-core's GPTModel under DeepSpeedEngine, ZeRO 0-3 over the data-parallel
@@ -11,6 +14,7 @@ DeepSpeed's JSON config is generated here from ours, so a user writes one config
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -18,24 +22,25 @@ from typing import Iterable, Optional
 import deepspeed
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from afb_scale import device
-from afb_scale.config import Config, data_parallel_size
+from afb_scale.compat import deepspeed as ds_compat
+from afb_scale.config import Config
 from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
 from afb_scale.model.lm_loss import LMLoss
 from afb_scale.model.pipeline import build_pipeline_model
-from afb_scale.parallel import (
+from afb_scale.parallel.groups import (
     MegatronMPU,
     check_topology_agrees,
     deepspeed_topology,
     sum_sequence_parallel_grads_over_tp,
 )
+from afb_scale.parallel.layout import ParallelLayout
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(cfg: Config, layout: ParallelLayout) -> dict:
     t, p = cfg.train, cfg.parallel
-    dp = data_parallel_size(cfg, world_size)
+    dp = layout.data
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -104,7 +109,7 @@ class GPTWithLoss(torch.nn.Module):
         return self.loss_fn(logits.transpose(0, 1), (labels, loss_mask))
 
 
-def model_grad_norm(params) -> torch.Tensor:
+def model_grad_norm(params, model_group) -> torch.Tensor:
     """Global L2 norm of the gradients, each parameter counted once across TP and PP.
 
     megatron-core's rule: a tensor-parallel shard counts on every TP rank, a replicated
@@ -115,62 +120,16 @@ def model_grad_norm(params) -> torch.Tensor:
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
-    grads = [p.grad for p in params if p.grad is not None
+    grads = [p.grad.detach() for p in params if p.grad is not None
              and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else device.current())
-    for g in grads:
-        total += g.detach().float().pow(2).sum()
-    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    if grads:
+        # torch's multi-tensor norm (no squared copy of each gradient), accumulated in fp32.
+        local = torch.nn.utils.get_total_norm([g.float() for g in grads], norm_type=2.0, foreach=True)
+        total = local.double().pow(2).float().reshape(())
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=device.current())
+    dist.all_reduce(total, group=model_group)
     return total.sqrt()
-
-
-def _clip_fp32_gradients_correctly(engine) -> None:
-    """Replace DeepSpeed's fp32 ZeRO-0 clipping with a norm that is right under PP, and keep it.
-
-    DeepSpeed 0.19.8 on that path (runtime/engine.py:3503) counts replicated parameters only
-    on ranks whose pipe x model rank is 0 -- so under pipeline parallelism the layer norms of
-    later stages are left out -- and discards the norm it computed. ZeRO >= 1 and the mixed
-    precision optimizers have their own (stage-aware) norm and are left alone.
-    """
-
-    def clip_fp32_gradients():
-        params = list(engine.module.parameters())
-        norm = model_grad_norm(params)
-        engine._global_grad_norm = norm
-        if torch.isfinite(norm):
-            torch.nn.utils.clip_grads_with_norm_(params, engine.gradient_clipping(), norm)
-
-    engine.clip_fp32_gradients = clip_fp32_gradients
-
-
-def _skip_non_finite_fp32_steps(engine) -> None:
-    """Never apply a non-finite gradient on the one path DeepSpeed does not guard.
-
-    DeepSpeed's ZeRO 1-3 and fp16/bf16 optimizers check the gradients for inf/NaN and skip such
-    a step (no update, no LR-scheduler step, `was_step_applied()` False). Plain fp32 at ZeRO 0
-    hands the gradients straight to torch's AdamW. Here that optimizer's `step` first takes the
-    global gradient norm (the one clipping just computed, or a fresh one) and returns without
-    updating when it is not finite; its `overflow` attribute tells DeepSpeed's engine
-    (runtime/engine.py `_take_model_step`) to count the step as skipped and leave the LR
-    scheduler alone, exactly as on the ZeRO paths. The norm is identical on every rank (gradients
-    are already reduced over DP, the norm over TP x PP), so all ranks skip together.
-    """
-    opt = engine.optimizer
-    inner_step = opt.step
-    opt.overflow = False
-
-    def step(*args, **kwargs):
-        if engine.gradient_clipping() <= 0.0:
-            engine._global_grad_norm = model_grad_norm(list(engine.module.parameters()))
-        norm = engine._global_grad_norm
-        opt.overflow = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
-        if opt.overflow:
-            return None
-        return inner_step(*args, **kwargs)
-
-    # The LR scheduler wrapped the original step to check call order; this wraps that wrapper.
-    step._wrapped_by_lr_sched = True
-    opt.step = step
 
 
 class GuardedLMLoss(LMLoss):
@@ -178,16 +137,10 @@ class GuardedLMLoss(LMLoss):
 
     An infinite loss can still have finite gradients; multiplying by NaN there (a constant, no
     host sync) guarantees the optimizer's non-finite check sees the bad step and skips it.
-    `inject_nan` is the test hook AFB_TEST_INJECT_NAN (testing_hooks.py), set per step by the
-    training loop and never in normal runs.
     """
-
-    inject_nan = False
 
     def __call__(self, logits, labels_and_mask):
         loss = super().__call__(logits, labels_and_mask)
-        if self.inject_nan:
-            loss = loss * float("nan")
         poison = torch.where(torch.isfinite(loss), torch.ones_like(loss), torch.full_like(loss, float("nan")))
         return loss * poison.detach()
 
@@ -204,17 +157,19 @@ class StepResult:
 class Engine:
     """Build the model and DeepSpeed engine for a validated config; one call per global batch."""
 
-    def __init__(self, cfg: Config, world_size: int, initial_weights: Optional[dict] = None):
-        """`initial_weights`: full tensors by GPTModel name (reshard.py) loaded into the model
-        before DeepSpeed wraps it -- how a checkpoint from another layout is loaded."""
+    def __init__(self, cfg: Config, layout: ParallelLayout, initial_weights: Optional[dict] = None):
+        """`layout`: this rank's placed layout (groups.init_distributed). `initial_weights`: full
+        tensors by GPTModel name (reshard.py) loaded into the model before DeepSpeed wraps it --
+        how a checkpoint from another layout is loaded."""
         self.cfg = cfg
+        self.layout = layout
         self.pipelined = cfg.parallel.pipeline > 1
         self.loss_fn = GuardedLMLoss()
         t, p = cfg.train, cfg.parallel
         self.device = device.current()
         if self.pipelined:
-            topology = deepspeed_topology(p.tensor, p.pipeline, world_size)
-            check_topology_agrees(topology)
+            topology = deepspeed_topology(layout)
+            check_topology_agrees(topology, layout)
             model = build_pipeline_model(cfg.model, p, topology, t.precision, t.seed, self.loss_fn,
                                          t.activation_checkpointing)
             mpu = None  # PipelineEngine uses the module's own grid
@@ -227,7 +182,7 @@ class Engine:
             model = GPTWithLoss(gpt, self.loss_fn, cfg.model.seq_length)
             mpu = MegatronMPU()
         if initial_weights is not None:
-            from afb_scale.reshard import load_into_module
+            from afb_scale.training.reshard import load_into_module
 
             load_into_module(model, initial_weights, cfg.model.num_layers, self.pipelined)
         model.to(self.device)
@@ -239,13 +194,16 @@ class Engine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / t.lr)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-            config=deepspeed_config(cfg, world_size),
+            config=deepspeed_config(cfg, layout),
         )
-        _clip_fp32_gradients_correctly(self.engine)
+        grad_norm = functools.partial(model_grad_norm, model_group=layout.groups.model)
+        ds_compat.clip_fp32_gradients_with(self.engine, grad_norm)
         if not (p.zero_stage or self.engine.fp16_enabled() or self.engine.bfloat16_enabled()):
-            _skip_non_finite_fp32_steps(self.engine)
+            ds_compat.skip_non_finite_fp32_steps(self.engine, grad_norm)
+            if layout.data == 1 and not self.pipelined:
+                ds_compat.skip_allreduce_without_data_parallel_peers(self.engine)
         # Runtime randomness (dropout) differs per data-parallel rank, identical within a TP group.
-        torch.manual_seed(t.seed + 100 * parallel_state.get_data_parallel_rank())
+        torch.manual_seed(t.seed + 100 * layout.data_rank)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -253,7 +211,7 @@ class Engine:
 
     @property
     def is_last_stage(self) -> bool:
-        return parallel_state.is_pipeline_last_stage()
+        return self.layout.is_last_stage
 
     def _to_device(self, mb: dict) -> dict:
         return device.to_device(mb, self.device)
@@ -276,8 +234,8 @@ class Engine:
                 self.engine.step()
                 total += loss.detach().double()
             total /= len(micro_batches)
-            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-            loss = (total / parallel_state.get_data_parallel_world_size()).item()
+            dist.all_reduce(total, group=self.layout.groups.data)
+            loss = (total / self.layout.data).item()
         return StepResult(loss=loss, grad_norm=self.grad_norm(), lr=self.scheduler.get_last_lr()[0],
                           loss_scale=self.loss_scale(), applied=bool(self.engine.was_step_applied()))
 
@@ -307,14 +265,14 @@ class Engine:
                 self.engine.train()
                 loss = sum(losses) / len(losses)
                 t = torch.tensor([loss], dtype=torch.float64, device=self.device)
-                dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-                loss = t.item() / parallel_state.get_data_parallel_world_size()
+                dist.all_reduce(t, group=self.layout.groups.data)
+                loss = t.item() / self.layout.data
             counts = torch.tensor([self.loss_fn.correct, self.loss_fn.counted], dtype=torch.float64, device=self.device)
         finally:
             self.loss_fn.track_accuracy = False
         # Only the last pipeline stage computed logits: sum its counts over DP, share over PP.
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(counts, group=self.layout.groups.data)
         if self.pipelined:
-            dist.all_reduce(counts, group=parallel_state.get_pipeline_model_parallel_group())
+            dist.all_reduce(counts, group=self.layout.groups.pipeline)
         accuracy = (counts[0] / counts[1].clamp(min=1)).item()
         return loss, accuracy

@@ -2,6 +2,8 @@
 
 Ranks are ordered as megatron-core's default `tp-cp-ep-dp-pp` (TP fastest), which is also the
 order of DeepSpeed's PipeModelDataParallelTopology; engine.py asserts that the two agree.
+`init_distributed` returns the rank's `ParallelLayout` (layout.py); this module and layout.py
+are the only ones outside model/ that read megatron-core's parallel_state.
 """
 
 from __future__ import annotations
@@ -13,14 +15,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from afb_scale import device
+from afb_scale.config import ParallelConfig
+from afb_scale.parallel.layout import ParallelLayout
 
 
-def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_minutes: int = 30, seed: int = 1234) -> None:
+def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 1234,
+                     timeout_minutes: int = 30) -> ParallelLayout:
     """Initialise torch.distributed from the torchrun environment, then megatron's groups, then
-    the model-parallel RNG (megatron's attention forks it on CUDA, device.py says why).
+    the model-parallel RNG (megatron's attention forks it on CUDA, device.py says why). Returns
+    this rank's layout: sizes, coordinates and groups.
 
     Call only after the config has been validated: nothing here checks user input.
     """
+    tensor, pipeline = parallel.tensor, parallel.pipeline
     device.setup()
     if not dist.is_initialized():
         dist.init_process_group(
@@ -36,6 +43,7 @@ def init_distributed(tensor: int = 1, pipeline: int = 1, timeout_minutes: int = 
         distributed_timeout_minutes=timeout_minutes,
     )
     device.seed_model_parallel_rng(seed)
+    return ParallelLayout.of(parallel, dist.get_world_size()).placed()
 
 
 def any_rank(device, *flags: bool) -> list[bool]:
@@ -47,6 +55,8 @@ def any_rank(device, *flags: bool) -> list[bool]:
 
 
 def destroy_distributed() -> None:
+    """Undo init_distributed (megatron's groups, then torch's), for a process that goes on
+    afterwards: benchmarks that build several layouts in turn, test workers."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -82,22 +92,20 @@ class MegatronMPU:
         return getattr(parallel_state, name)
 
 
-def deepspeed_topology(tensor: int, pipeline: int, world_size: int):
+def deepspeed_topology(layout: ParallelLayout):
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    return PipeModelDataParallelTopology(
-        num_pp=pipeline, num_mp=tensor, num_dp=world_size // (tensor * pipeline)
-    )
+    return PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor, num_dp=layout.data)
 
 
-def check_topology_agrees(topology) -> None:
+def check_topology_agrees(topology, layout: ParallelLayout) -> None:
     """DeepSpeed's grid and megatron-core's groups must put this rank with the same peers."""
-    rank = dist.get_rank()
+    rank = layout.rank
     coord = topology.get_coord(rank)
     expected = {
-        "tensor": (coord.model, parallel_state.get_tensor_model_parallel_rank()),
-        "pipeline": (coord.pipe, parallel_state.get_pipeline_model_parallel_rank()),
-        "data": (coord.data, parallel_state.get_data_parallel_rank()),
+        "tensor": (coord.model, layout.tensor_rank),
+        "pipeline": (coord.pipe, layout.pipeline_rank),
+        "data": (coord.data, layout.data_rank),
     }
     for axis, (ds_rank, mcore_rank) in expected.items():
         if ds_rank != mcore_rank:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import signal
 
-from afb_scale.launch_env import REQUEUE_EXIT_CODE  # noqa: F401  (the status callers exit with)
+from afb_scale.cluster.launch_env import REQUEUE_EXIT_CODE  # noqa: F401  (the status callers exit with)
 
 
 class PreemptionFlag:

@@ -30,8 +30,11 @@ through DeepSpeed's own loader plus the RNG states: the run continues bit for bi
 TP/PP/DP/ZeRO layout the model is loaded from the consolidated tensors (see reshard.py:
 optimizer moments restart).
 
-The data order is a pure function of `consumed_samples` (train.rank_micro_batches), which the
-client state carries, so a resumed run neither repeats nor skips a sample.
+What must survive a resume besides DeepSpeed's own state is a set of named components, each
+with `state_dict()` / `load_state_dict()` (the Trainer's data position, stability tracker,
+activation-drift reference, ...): `save` stores them together in DeepSpeed's client state, and
+`load` hands them back as one dict. The data order is a pure function of `consumed_samples`
+(data/batches.py), so a resumed run neither repeats nor skips a sample.
 """
 
 from __future__ import annotations
@@ -45,14 +48,16 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from afb_scale import device, testing_hooks
+from afb_scale import device
+from afb_scale.compat import deepspeed as ds_compat
 from afb_scale.config import ConfigError
+from afb_scale.parallel.layout import ParallelLayout
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -127,14 +132,10 @@ def _gathered(obj) -> list:
 # Layout and RNG
 
 
-def layout_of(cfg, world_size: int) -> dict:
+def layout_of(cfg, layout: ParallelLayout) -> dict:
     """What DeepSpeed's files are tied to: a different layout loads through the consolidated model."""
-    from afb_scale.config import data_parallel_size
-
-    p = cfg.parallel
-    return {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline,
-            "data": data_parallel_size(cfg, world_size), "zero_stage": p.zero_stage,
-            "precision": cfg.train.precision}
+    return {"world_size": layout.world_size, "tensor": layout.tensor, "pipeline": layout.pipeline,
+            "data": layout.data, "zero_stage": layout.zero_stage, "precision": cfg.train.precision}
 
 
 def _layout_text(layout: dict) -> str:
@@ -160,42 +161,51 @@ def _rng_path(tag_dir: Path, rank: int) -> Path:
 # Save
 
 
-def save(engine, run_dir: str | Path, step: int, consumed_samples: int, extra: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory once it is complete."""
+def save(engine, run_dir: str | Path, step: int, consumed_samples: int, components: dict | None = None) -> Path:
+    """Collective: every rank calls it. `components`: name -> object with `state_dict()`, saved
+    together and returned by `load`. Returns the checkpoint directory once it is complete."""
     cfg = engine.cfg
     ckpt, tag = checkpoint_dir(run_dir), tag_for(step)
     tag_dir = ckpt / tag
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     _print0(f"saving checkpoint {tag_dir}")
     if rank == 0:
         ckpt.mkdir(parents=True, exist_ok=True)
         if tag_dir.exists():  # a save of this step that never completed, or an older attempt's
             shutil.rmtree(tag_dir)
     dist.barrier()
-    state = {"step": step, "consumed_samples": consumed_samples, **(extra or {})}
+    state = {"step": step, "consumed_samples": consumed_samples,
+             "components": {name: c.state_dict() for name, c in (components or {}).items()}}
     engine.engine.save_checkpoint(str(ckpt), tag=tag, client_state=state, save_latest=False)
     rng_file = _rng_path(tag_dir, rank)
     rng_file.parent.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), rng_file)
     if cfg.train.save_consolidated:
-        from afb_scale.reshard import save_consolidated
+        from afb_scale.training.reshard import save_consolidated
 
         save_consolidated(engine, tag_dir)
     if rank == 0:
         from afb_scale.config import dump_config
 
         dump_config(cfg, tag_dir / "config.yaml")
-    testing_hooks.save_delay()
-    testing_hooks.kill_point("save", step)
     dist.barrier()  # every rank's files are written
+    _seal(engine, ckpt, tag_dir, step, consumed_samples)
+    return tag_dir
 
+
+def _seal(engine, ckpt: Path, tag_dir: Path, step: int, consumed_samples: int) -> None:
+    """Collective, once every rank's files are written: checksum them, write COMPLETE, then
+    `latest`, then apply retention. A process killed before this returns leaves a checkpoint
+    without its marker, which `find_complete` skips."""
+    cfg, tag = engine.cfg, tag_dir.name
+    rank, world = dist.get_rank(), dist.get_world_size()
     files = _shared(_list_files(tag_dir) if rank == 0 else None)
     mine = {name: describe_file(tag_dir / name) for name in files[rank::world]}
     described = {k: v for part in _gathered(mine) for k, v in part.items()}
     if rank == 0:
         marker = {
             "format": FORMAT, "tag": tag, "step": step, "consumed_samples": consumed_samples,
-            "layout": layout_of(cfg, world), "consolidated": cfg.train.save_consolidated,
+            "layout": layout_of(cfg, engine.layout), "consolidated": cfg.train.save_consolidated,
             "model": dataclasses.asdict(cfg.model),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "files": {name: described[name] for name in files},
@@ -204,7 +214,6 @@ def save(engine, run_dir: str | Path, step: int, consumed_samples: int, extra: d
         write_atomic(ckpt / LATEST, tag.encode())
         _apply_retention(ckpt, cfg.train.keep_checkpoints, step)
     dist.barrier()  # nobody moves on (or exits) before the marker and `latest` exist
-    return tag_dir
 
 
 def _tags(ckpt: Path) -> list[tuple[int, str]]:
@@ -383,59 +392,72 @@ def check_resume_model(cfg, run_dir: str | Path) -> None:
             return
 
 
-def resume_plan(cfg, world_size: int, run_dir: str | Path) -> Optional[dict]:
-    """Collective, before the engine is built: which checkpoint to resume from and how.
+@dataclasses.dataclass
+class ResumePlan:
+    """Which checkpoint a run resumes from, and how (decided before the engine is built)."""
 
-    Returns None for a fresh run, else {"dir", "marker", "same_layout"}; for another layout also
-    "weights", the consolidated model to build the engine from (reshard.py). A config whose
-    model differs from the checkpoint's is a ConfigError, on every rank alike.
-    """
+    dir: Path
+    marker: dict
+    same_layout: bool  # True: DeepSpeed's own loader, bit-exact; False: consolidated weights
+    weights: Optional[Mapping] = None  # another layout: the full model to build the engine from
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `load` gives back: the position, the components' states and this rank's RNG."""
+
+    step: int
+    consumed_samples: int
+    components: dict
+    rng: Optional[dict] = None  # None after resharding: RNG streams are per layout
+
+
+def resume_plan(cfg, layout: ParallelLayout, run_dir: str | Path) -> Optional[ResumePlan]:
+    """Collective, before the engine is built: which checkpoint to resume from and how (None:
+    a fresh run). A config whose model differs from the checkpoint's is a ConfigError, on every
+    rank alike."""
     found = find_complete(run_dir)
     if found is None:
         return None
     tag_dir, marker = found
     check_model_matches(cfg, tag_dir, marker)
-    same = marker["layout"] == layout_of(cfg, world_size)
-    plan = {"dir": tag_dir, "marker": marker, "same_layout": same}
-    if not same:
-        if not marker.get("consolidated"):
-            raise ConfigError(
-                f"checkpoint {tag_dir} was saved at {_layout_text(marker['layout'])} without a consolidated "
-                f"model (train.save_consolidated=false); resume it at that layout")
-        from afb_scale.reshard import read_consolidated
+    if marker["layout"] == layout_of(cfg, layout):
+        return ResumePlan(tag_dir, marker, same_layout=True)
+    if not marker.get("consolidated"):
+        raise ConfigError(
+            f"checkpoint {tag_dir} was saved at {_layout_text(marker['layout'])} without a consolidated "
+            f"model (train.save_consolidated=false); resume it at that layout")
+    from afb_scale.training.reshard import read_consolidated
 
-        plan["weights"] = read_consolidated(tag_dir)
-    return plan
+    return ResumePlan(tag_dir, marker, same_layout=False, weights=read_consolidated(tag_dir))
 
 
-def load(engine, plan: dict) -> dict:
-    """Collective: restore what `resume_plan` chose into an engine built for it. Returns the
-    client state (step, consumed_samples, ...) with the RNG states under "rng", which the
-    caller applies (`set_rng_state`) right before its next training step."""
-    tag_dir, marker = plan["dir"], plan["marker"]
-    world = dist.get_world_size()
-    if plan["same_layout"]:
+def _components_of(client_state: dict) -> dict:
+    if "components" in client_state:
+        return client_state["components"]
+    # Checkpoints from before components were named carried the stability window at top level.
+    return {"stability": client_state["stability"]} if "stability" in client_state else {}
+
+
+def load(engine, plan: ResumePlan) -> Restored:
+    """Collective: restore what `resume_plan` chose into an engine built for it. The caller
+    loads the components and applies the RNG states (`set_rng_state`) right before its next
+    training step."""
+    tag_dir, marker = plan.dir, plan.marker
+    if plan.same_layout:
         path, state = engine.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag_dir}")
         state = dict(state or {})
-        state["rng"] = torch.load(_rng_path(tag_dir, dist.get_rank()), weights_only=False)
+        rng = torch.load(_rng_path(tag_dir, dist.get_rank()), weights_only=False)
         _print0(f"resuming from {tag_dir} at step {state['step']} (optimizer, LR schedule, data position, RNG restored)")
-        return state
+        return Restored(state["step"], state["consumed_samples"], _components_of(state), rng)
     # Another layout: the weights went into the engine at construction. The step and data
     # position carry over; the LR schedule is a function of the step; Adam's moments restart.
-    step = marker["step"]
-    engine.engine.global_steps = step
-    engine.engine.global_samples = marker["consumed_samples"]
-    sched = engine.scheduler
-    sched.last_epoch = step - 1
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        sched.step()  # sets the optimizer's LR for `step`, as an uninterrupted run has it
+    step, consumed = marker["step"], marker["consumed_samples"]
+    ds_compat.set_training_position(engine.engine, engine.scheduler, step, consumed)
     _print0(f"resharding checkpoint {tag_dir} saved at {_layout_text(marker['layout'])} into "
-            f"{_layout_text(layout_of(engine.cfg, world))}: weights, step {step} and data position loaded; "
+            f"{_layout_text(layout_of(engine.cfg, engine.layout))}: weights, step {step} and data position loaded; "
             "optimizer moments restart (warm start)")
-    return {"step": step, "consumed_samples": marker["consumed_samples"]}
+    return Restored(step, consumed, components={})

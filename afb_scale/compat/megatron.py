@@ -13,6 +13,16 @@ from __future__ import annotations
 
 import torch
 
+# "module:qualname" -> sha256[:16] of inspect.getsource in megatron-core 0.16.1: the code these
+# patches stand in for. tests/test_compat.py fails when an upgrade changes any of it.
+UPSTREAM = {
+    "megatron.core.utils:GlobalMemoryBuffer.get_tensor": "2b843a83eb762098",
+    "megatron.core.tensor_parallel.random:_get_cuda_rng_state": "aa26caaa069c5c4f",
+    "megatron.core.tensor_parallel.random:_set_cuda_rng_state": "b179c9d95438b61c",
+    "megatron.core.tensor_parallel.random:initialize_rng_tracker": "4bc461df7c7f7a43",
+    "megatron.core.tensor_parallel.random:CheckpointFunction.forward": "07b45db6c50f404b",
+}
+
 _applied = False
 
 

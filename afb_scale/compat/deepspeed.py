@@ -1,0 +1,111 @@
+"""Every place afb_scale reaches into DeepSpeed 0.19.8's internals, with why.
+
+The engine uses DeepSpeed through its public API (`deepspeed.initialize`, `train_batch`,
+`backward`/`step`, `save_checkpoint`/`load_checkpoint`); the three patches below are the only
+writes to its private state. Each names the upstream code it replaces; `UPSTREAM` holds a hash of
+that code in the pinned version, and tests/test_compat.py fails loudly when an upgrade changes it,
+so whoever upgrades re-reads the patch instead of shipping a silently wrong one.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import torch
+
+# "module:qualname" -> sha256[:16] of inspect.getsource in deepspeed 0.19.8 (tests/test_compat.py).
+UPSTREAM = {
+    "deepspeed.runtime.engine:DeepSpeedEngine.clip_fp32_gradients": "c3ad53cbce68a72f",
+    "deepspeed.runtime.engine:DeepSpeedEngine._take_model_step": "c4c6e01aa1fc4e7d",
+    "deepspeed.runtime.engine:DeepSpeedEngine.load_checkpoint": "5728d3dfa42a3d6c",
+}
+
+
+def clip_fp32_gradients_with(engine, grad_norm: Callable[[list], torch.Tensor]) -> None:
+    """Replace DeepSpeed's fp32 ZeRO-0 clipping with `grad_norm` (a norm that is right under PP),
+    and keep the norm for `get_global_grad_norm`.
+
+    Replaces `DeepSpeedEngine.clip_fp32_gradients` (runtime/engine.py:3502), which counts
+    replicated parameters only on ranks whose pipe x model rank is 0 -- so under pipeline
+    parallelism the layer norms of later stages are left out -- and discards the norm it computed.
+    ZeRO >= 1 and the mixed-precision optimizers have their own (stage-aware) norm and are left alone.
+    """
+
+    def clip_fp32_gradients():
+        params = list(engine.module.parameters())
+        norm = grad_norm(params)
+        engine._global_grad_norm = norm  # what get_global_grad_norm() returns
+        # torch multiplies every gradient by min(1, max / (norm + 1e-6)) even when that is 1.0;
+        # skipping the no-op multiply is bit-identical and saves a pass over all gradients. (One
+        # host read of the norm: the loop reads it back every step anyway.)
+        max_norm = engine.gradient_clipping()
+        if torch.isfinite(norm) and float(norm) + 1e-6 > max_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
+
+
+def skip_non_finite_fp32_steps(engine, grad_norm: Callable[[list], torch.Tensor]) -> None:
+    """Never apply a non-finite gradient on the one path DeepSpeed does not guard.
+
+    DeepSpeed's ZeRO 1-3 and fp16/bf16 optimizers check the gradients for inf/NaN and skip such
+    a step (no update, no LR-scheduler step, `was_step_applied()` False). Plain fp32 at ZeRO 0
+    hands the gradients straight to torch's AdamW. Here that optimizer's `step` first takes the
+    global gradient norm (the one clipping just computed, or a fresh one) and returns without
+    updating when it is not finite; its `overflow` attribute is what `_take_model_step`
+    (runtime/engine.py:3505, `if self.optimizer.overflow`) reads to count the step as skipped
+    and leave the LR scheduler alone, exactly as on the ZeRO paths. The norm is identical on
+    every rank (gradients are already reduced over DP, the norm over TP x PP), so all ranks skip
+    together.
+    """
+    opt = engine.optimizer
+    inner_step = opt.step
+    opt.overflow = False
+
+    def step(*args, **kwargs):
+        if engine.gradient_clipping() <= 0.0:
+            engine._global_grad_norm = grad_norm(list(engine.module.parameters()))
+        norm = engine._global_grad_norm
+        opt.overflow = norm is not None and not bool(torch.isfinite(torch.as_tensor(norm)))
+        if opt.overflow:
+            return None
+        return inner_step(*args, **kwargs)
+
+    # torch's LRScheduler wrapped the original step to check call order and warns unless the
+    # step it finds carries this mark (torch/optim/lr_scheduler.py, `patch_track_step_called`);
+    # this wraps that wrapper, so the order check still runs.
+    step._wrapped_by_lr_sched = True
+    opt.step = step
+
+
+def skip_allreduce_without_data_parallel_peers(engine) -> None:
+    """At ZeRO 0 with a data-parallel group of one, turn off DeepSpeed's gradient all-reduce.
+
+    DeepSpeedEngine.backward (runtime/engine.py:3163, `if self.enable_backward_allreduce`) then
+    runs `buffered_allreduce_fallback` (engine.py:3095): it flattens every gradient into one
+    buffer, all-reduces it over the data-parallel group, divides by its size and copies it back.
+    Over a group of one that is an identity, and it cost ~8% of a step at the 4-layer d=256
+    benchmark shape (benchmarks/bench_framework_overhead.py). `enable_backward_allreduce` is
+    DeepSpeed's own switch for callers that reduce gradients themselves (its pipeline engine
+    turns it off the same way). ZeRO >= 1 and the pipeline engine reduce through their own paths
+    and are left alone.
+    """
+    engine.enable_backward_allreduce = False
+
+
+def set_training_position(engine, scheduler, step: int, consumed_samples: int) -> None:
+    """Put a freshly built engine at `step` without DeepSpeed's checkpoint loader (a checkpoint
+    from another layout: only the weights came across, reshard.py).
+
+    `load_checkpoint` (runtime/engine.py) would set `global_steps` / `global_samples` from its
+    own files; here there are none in this layout, so they are set directly, and the LR scheduler
+    is moved to the step the way torch resumes one (`last_epoch = step - 1`, then one `step()`
+    that sets the optimizer's LR for `step`, as an uninterrupted run has it).
+    """
+    engine.global_steps = step
+    engine.global_samples = consumed_samples
+    scheduler.last_epoch = step - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+        scheduler.step()
