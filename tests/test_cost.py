@@ -32,6 +32,7 @@ def small(**kw) -> ModelConfig:
 
 def _built_counts(rank, world):
     from afb_scale.model.gpt import build_gpt_model
+    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig())
@@ -121,6 +122,7 @@ def _counted_flops(rank, world):
 
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
     from afb_scale.model.lm_loss import LMLoss
+    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig())
@@ -321,6 +323,7 @@ def _gathered(rank, world):
     import torch
 
     from afb_scale.metrics.throughput import gather_memory
+    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig())

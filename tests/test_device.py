@@ -108,6 +108,7 @@ def test_norms_are_torch_and_marked_for_sequence_parallel(normalization):
 def _sdpa_vs_local(rank, world, dropout):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig(tensor=world))
@@ -135,6 +136,7 @@ def test_sdpa_attention_matches_megatron_attention(world):
 
 
 def _any_rank(rank, world):
+    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import any_rank, init_distributed
 
     init_distributed(ParallelConfig())

@@ -222,13 +222,11 @@ def probe_spectral_metrics(engine, probe: list[dict]) -> dict[str, float]:
     Also `spectral/seconds`: how long this call held the loop (every rank waits for the last
     owner in the final gather), so a run states its own overhead at any scale.
     """
-    from megatron.core import parallel_state
-
     t0 = time.perf_counter()
-    replica0 = parallel_state.get_data_parallel_rank() == 0
+    replica0 = engine.layout.data_rank == 0
     with collect_spectra(engine.module, enabled=replica0) as captured:
         engine.evaluate(probe)
-    mine = reduce_spectra(captured, parallel_state.get_tensor_model_parallel_group()) if replica0 else {}
+    mine = reduce_spectra(captured, engine.layout.groups.tensor) if replica0 else {}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     merged = {name: metrics for part in gathered for name, metrics in part.items()}

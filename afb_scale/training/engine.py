@@ -184,7 +184,7 @@ class Engine:
         if initial_weights is not None:
             from afb_scale.training.reshard import load_into_module
 
-            load_into_module(model, initial_weights, cfg.model.num_layers, self.pipelined)
+            load_into_module(model, initial_weights, cfg.model.num_layers, self.pipelined, layout)
         model.to(self.device)
         if p.sequence_parallel:
             sum_sequence_parallel_grads_over_tp(model)

@@ -79,11 +79,9 @@ def gather_stage(engine) -> dict[str, torch.Tensor] | None:
     The pipeline's second copy of a tied embedding (marked `shared`) is left out: stage 0 has it.
     Under bf16/fp16 the working-precision weights are written (cast to fp32), not the master copy.
     """
-    from megatron.core import parallel_state
-
-    cfg = engine.cfg
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    writer = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    cfg, layout = engine.cfg, engine.layout
+    tp_group = layout.groups.tensor
+    writer = layout.tensor_rank == 0 and layout.data_rank == 0
     out: dict[str, torch.Tensor] = {}
     for canon, _, p in _named_params(engine.module, cfg.model.num_layers, engine.pipelined):
         if getattr(p, "shared", False):
@@ -104,14 +102,13 @@ def gather_stage(engine) -> dict[str, torch.Tensor] | None:
 
 def save_consolidated(engine, tag_dir: Path) -> None:
     """Collective: write `consolidated/model-stage<S>.safetensors` for every pipeline stage."""
-    from megatron.core import parallel_state
     from safetensors.torch import save_file
 
     tensors = gather_stage(engine)
     if tensors is not None:
         out = Path(tag_dir) / CONSOLIDATED_DIR
         out.mkdir(parents=True, exist_ok=True)
-        stage = parallel_state.get_pipeline_model_parallel_rank()
+        stage = engine.layout.pipeline_rank
         path = out / f"model-stage{stage:03d}.safetensors"
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "afb_scale consolidated fp32, GPTModel names"})
@@ -156,13 +153,12 @@ def read_consolidated(tag_dir: str | Path) -> ConsolidatedState:
 
 
 @torch.no_grad()
-def load_into_module(module: torch.nn.Module, full: dict[str, torch.Tensor], num_layers: int, pipelined: bool) -> None:
+def load_into_module(module: torch.nn.Module, full: dict[str, torch.Tensor], num_layers: int, pipelined: bool,
+                     layout) -> None:
     """Copy full tensors into a freshly built (not yet DeepSpeed-wrapped) training module,
-    sharding each for this process's TP rank. Every parameter must be present."""
-    from megatron.core import parallel_state
-
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    world = parallel_state.get_tensor_model_parallel_world_size()
+    sharding each for this process's TP rank (`layout`: its ParallelLayout). Every parameter
+    must be present."""
+    rank, world = layout.tensor_rank, layout.tensor
     named = _named_params(module, num_layers, pipelined)
     missing = sorted({c for c, _, _ in named} - set(full))
     if missing:
