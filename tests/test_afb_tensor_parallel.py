@@ -43,7 +43,6 @@ def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
     from afb_scale.model.parallel_afb import AFBMLP, megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import gather_full_state, load_full_state
-    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed, sum_sequence_parallel_grads_over_tp
 
     init_distributed(ParallelConfig(tensor=world))

@@ -83,7 +83,6 @@ def test_supported_bf16_zero_stages(zero_stage, ok):
 def _model_norms(rank, world, normalization, sequence_parallel):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model
-    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig(tensor=world))
@@ -108,7 +107,6 @@ def test_norms_are_torch_and_marked_for_sequence_parallel(normalization):
 def _sdpa_vs_local(rank, world, dropout):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
-    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig(tensor=world))

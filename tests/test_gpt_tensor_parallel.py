@@ -16,7 +16,6 @@ def _gpt_rank(rank, world, ffn_kind):
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
     from afb_scale.model.tp_layout import gather_full_state, load_full_state
-    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig(tensor=world))

@@ -39,7 +39,6 @@ def _tp_stats(rank, world, base, state, x):
     from afb_scale.model.parallel_afb import megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import load_full_state
-    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig(tensor=world))

@@ -228,7 +228,6 @@ def _tp_spectra(rank, world, cases, sequence_parallels):
     from afb_scale.model.parallel_afb import megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
     from afb_scale.model.tp_layout import load_full_state
-    from afb_scale.config import ParallelConfig
     from afb_scale.parallel.groups import init_distributed
 
     init_distributed(ParallelConfig(tensor=world))
