@@ -6,12 +6,13 @@ is `afb.feedback_hidden` (the readable statement, which this module calls for it
 Written as plain torch ops under autograd, that chain materialises six tokens x f tensors in
 forward (h + db, gelu, sigmoid, 2 s, their product, ...) and keeps four of them for backward;
 each is a full pass over memory, and on CPU each fresh tokens x f buffer is also page faults.
-`FusedFeedbackHidden` instead keeps only its inputs (h, [db; gl], u) and computes every
-gradient in one pass in backward from them, so with `torch.compile` forward and backward are one
-loop each (inductor's C++ backend on CPU, Triton on GPU).
+`FusedFeedbackHidden` (which also holds the [Ub; Ug] write GEMM) instead keeps only its inputs
+(h, u, the feedback z, the write weight), recomputes [db; gl] = z W^T and every gradient from
+them in backward, so with `torch.compile` the elementwise part is one loop each way (inductor's
+C++ backend on CPU, Triton on GPU) and the layer keeps the base FFN's tensors plus O(r).
 
 Modes (`model.afb_fused`):
-- `off`:  the unfused `afb.feedback_hidden` under autograd (the reference; bit-exact with the
+- `off`:  the write GEMM and the unfused `afb.feedback_hidden` under autograd (the reference; bit-exact with the
   base FFN at initialisation).
 - `on`:   the fused op with compiled bodies; a compile failure is an error.
 - `auto`: the fused op, compiled where compile works; where it does not (no C++ compiler for
@@ -103,33 +104,47 @@ def _run(which: int, mode: str, device_type: str, *args):
 
 
 class FusedFeedbackHidden(torch.autograd.Function):
-    """a = feedback_hidden(h, u, db, gl) with db_gl = [db; gl] along the last dimension.
+    """a = feedback_hidden(h, u, db, gl) with [db; gl] = z W^T, W the [Ub; Ug] write weight shard.
 
-    Saves only (h, u, db_gl) -- h is kept by the feedback read's weight gradient anyway -- and
-    returns the gradient of db_gl as one buffer, so the [Ub; Ug] write's backward needs no cat.
+    The write matmul is inside the op so that its tokens x 2f output need not be kept: backward
+    recomputes it from z (tokens x r) -- one small GEMM, 2 f r multiply-adds per token -- and
+    then gets every gradient in one elementwise pass. Saved: h (which the feedback read's weight
+    gradient keeps anyway), u, z and W; so the layer keeps the base FFN's tensors plus O(r).
     """
 
     @staticmethod
-    def forward(ctx, h, u, db_gl, mode):
+    def forward(ctx, h, u, z, weight, mode):
         ctx.mode = mode
-        ctx.save_for_backward(h, u, db_gl)
-        return _run(0, mode, h.device.type, h, u, db_gl)
+        ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
+        ctx.save_for_backward(h, u, z, weight)
+        return _run(0, mode, h.device.type, h, u, torch.nn.functional.linear(z, weight))
 
     @staticmethod
     def backward(ctx, da):
-        h, u, db_gl = ctx.saved_tensors
+        h, u, z, weight = ctx.saved_tensors
+        enabled, dtype = ctx.autocast
+        with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):  # the forward's db_gl exactly
+            db_gl = torch.nn.functional.linear(z, weight)
         du, d_db_gl = _run(1, ctx.mode, h.device.type, da.contiguous(), h, u, db_gl)
         dh = d_db_gl[..., : h.shape[-1]]  # dh == d(db): both enter only through h + db
-        return dh, du, d_db_gl, None
+        g2 = d_db_gl.reshape(-1, d_db_gl.shape[-1])
+        dz = (g2 @ weight.to(g2.dtype)).view(z.shape).to(z.dtype)
+        dweight = (g2.t() @ z.reshape(-1, z.shape[-1]).to(g2.dtype)).to(weight.dtype)
+        return dh, du, dz, dweight, None
 
 
 def fused_feedback_hidden(
-    h: torch.Tensor, u: torch.Tensor | None, db_gl: torch.Tensor, mode: str = "auto"
+    h: torch.Tensor, u: torch.Tensor | None, z: torch.Tensor, write_weight: torch.Tensor, mode: str = "auto"
 ) -> torch.Tensor:
-    """The hidden activation a of AFB-FFN from h, u (SwiGLU) and the write output [db; gl]."""
+    """The hidden activation a of AFB-FFN from h, u (SwiGLU), the feedback z and the [Ub; Ug] weight.
+
+    z must already be the write's input as megatron's ColumnParallelLinear would use it (all-
+    gathered under sequence parallelism, with the backward all-reduce / reduce-scatter of dz):
+    parallel_afb.AFBMLP applies those region ops.
+    """
     if mode not in MODES:
         raise ValueError(f"afb_fused={mode!r} is not allowed; choose one of {', '.join(MODES)}")
     if mode == "off":
-        db, gate_logits = torch.chunk(db_gl, 2, dim=-1)  # one split (a cat in backward), as before
+        db, gate_logits = torch.chunk(torch.nn.functional.linear(z, write_weight), 2, dim=-1)
         return feedback_hidden(h, u, db, gate_logits)
-    return FusedFeedbackHidden.apply(h, u, db_gl, mode)
+    return FusedFeedbackHidden.apply(h, u, z, write_weight, mode)

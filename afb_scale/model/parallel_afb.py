@@ -31,7 +31,10 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules, apply_swiglu_shard
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from afb_scale.model.afb import feedback_statistics
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                   gather_from_sequence_parallel_region)
+
+from afb_scale.model.afb import feedback_hidden, feedback_statistics
 from afb_scale.model.afb_fused import MODES, fused_feedback_hidden
 
 
@@ -119,10 +122,22 @@ class AFBMLP(MLP):
             h, u = torch.chunk(h, 2, dim=-1)
         vh, _ = self.feedback_read(h)
         z = F.gelu(vh)
-        db_and_gate, _ = self.feedback_write(z)  # [db; gate logits] along the last dimension
-        a = fused_feedback_hidden(h, u, db_and_gate, self.fused)
+        if self.fused == "off":
+            db_and_gate, _ = self.feedback_write(z)  # [db; gate logits] along the last dimension
+            db, gate_logits = torch.chunk(db_and_gate, 2, dim=-1)
+            a = feedback_hidden(h, u, db, gate_logits)
+        else:
+            # The write GEMM runs inside the fused op (so [db; gl] is recomputed, not kept); z
+            # goes through the region op ColumnParallelLinear applies to its input: all-gather
+            # under sequence parallelism, else identity with dz all-reduced in backward.
+            z_in = (gather_from_sequence_parallel_region(z, group=self.tp_group) if self.config.sequence_parallel
+                    else copy_to_tensor_model_parallel_region(z, group=self.tp_group))
+            a = fused_feedback_hidden(h, u, z_in, self.feedback_write.weight, self.fused)
+            if self.collect_stats:
+                with torch.no_grad():
+                    db, gate_logits = torch.chunk(F.linear(z_in, self.feedback_write.weight), 2, dim=-1)
         if self.collect_stats:
-            self.last_stats = feedback_statistics(h, *torch.chunk(db_and_gate, 2, dim=-1), a)
+            self.last_stats = feedback_statistics(h, db, gate_logits, a)
         return self.linear_fc2(a)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
