@@ -122,7 +122,12 @@ class AFBMLP(MLP):
             h, u = torch.chunk(h, 2, dim=-1)
         vh, _ = self.feedback_read(h)
         z = F.gelu(vh)
-        if self.fused == "off":
+        # Under ZeRO-3 DeepSpeed gathers feedback_write's weight in that module's own forward and
+        # replays a recorded fetch order; reading the weight from here breaks its trace ("tracing
+        # error at step N"), so ZeRO-3 keeps the unfused path (TODO: host the op in a
+        # ColumnParallelLinear subclass's forward).
+        zero3 = any(hasattr(p, "ds_id") for p in self.feedback_write.parameters(recurse=False))
+        if self.fused == "off" or zero3:
             db_and_gate, _ = self.feedback_write(z)  # [db; gate logits] along the last dimension
             db, gate_logits = torch.chunk(db_and_gate, 2, dim=-1)
             a = feedback_hidden(h, u, db, gate_logits)
