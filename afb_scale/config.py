@@ -67,6 +67,10 @@ class ModelConfig:
     # sdpa: torch's fused causal attention (flash kernels on GPU); local: megatron-core's
     # DotProductAttention. Neither has parameters: checkpoints load into either.
     attention: Literal["sdpa", "local"] = "sdpa"
+    # AFB kinds: the hidden-unit path 2 sigmoid(gl) * act(h + db) as one fused op that recomputes
+    # in backward (afb_scale/model/afb_fused.py). auto: compiled where torch.compile works, else
+    # eager bodies; on: compiled or an error; off: the unfused reference math.
+    afb_fused: Literal["auto", "on", "off"] = "auto"
 
     @property
     def is_afb(self) -> bool:

@@ -4,6 +4,10 @@ import sys
 # Tests import their helpers (multiproc.py) as top-level modules.
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# torch.compile costs 10-40 s per process on a 2-core machine, and every rank of every training
+# test would pay it: the suite runs the fused AFB op (model.afb_fused=auto) with its eager bodies,
+# and tests/test_afb_fused.py compiles the bodies once and holds them to the reference.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import subprocess
 from pathlib import Path

@@ -2,7 +2,9 @@
 
 Forward outputs and the gradients of the input and of every parameter (shards gathered to
 full tensors) must match the reference to 1e-5 at TP = 1, 2, 4, with and without sequence
-parallelism, after the feedback weights are set to non-zero values.
+parallelism, after the feedback weights are set to non-zero values -- with the fused hidden-unit
+op (model.afb_fused=auto; its eager bodies here, as conftest disables dynamo) and without it
+(off), both in the same ranks.
 """
 
 import pytest
@@ -34,15 +36,13 @@ def _reference(base, seed=0):
 
 
 def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
-    import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.transformer.spec_utils import build_module
 
     from afb_scale.config import ModelConfig, ParallelConfig
     from afb_scale.model.gpt import transformer_config
     from afb_scale.model.parallel_afb import AFBMLP, megatron_state_from_reference
     from afb_scale.model.specs import transformer_layer_spec
-    from afb_scale.model.tp_layout import gather_full_state, load_full_state
+    from afb_scale.model.tp_layout import load_full_state
     from afb_scale.parallel.groups import init_distributed, sum_sequence_parallel_grads_over_tp
 
     init_distributed(ParallelConfig(tensor=world))
@@ -55,13 +55,24 @@ def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):
     full = megatron_state_from_reference(state, gated=base == "swiglu")
     load_full_state(mlp, full, rank, world)
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     chunk = SEQ // world
     seq_slice = slice(rank * chunk, (rank + 1) * chunk) if sequence_parallel else slice(None)
-    x_local = x[seq_slice].clone().requires_grad_()
     if sequence_parallel:
         # Replicated parameters see only their rank's tokens: the engine's hook sums them over TP.
         assert sum_sequence_parallel_grads_over_tp(mlp) > 0
+    return {fused: _tp_step(mlp, fused, x, probe, seq_slice, sequence_parallel, world) for fused in ("auto", "off")}
+
+
+def _tp_step(mlp, fused, x, probe, seq_slice, sequence_parallel, world):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from afb_scale.model.tp_layout import gather_full_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    mlp.fused = fused
+    mlp.zero_grad(set_to_none=True)
+    x_local = x[seq_slice].clone().requires_grad_()
     out, bias = mlp(x_local)
     if bias is not None:
         out = out + bias
@@ -91,13 +102,16 @@ def test_tensor_parallel_matches_reference(base, world, sequence_parallel):
     state, x, probe, y_ref, x_grad_ref, grads_ref = _reference(base)
     expected = megatron_state_from_reference(grads_ref, gated=base == "swiglu")
     results = run_ranks(_tp_rank, world, base, sequence_parallel, state, x, probe)
-    for rank, (y, x_grad, grads) in enumerate(results):
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=f"output, rank {rank}")
-        torch.testing.assert_close(x_grad, x_grad_ref, rtol=1e-5, atol=1e-5, msg=f"input grad, rank {rank}")
-        assert set(grads) == set(expected)
-        for name, g in grads.items():
-            assert g.abs().sum() > 0, f"{name} got no gradient"
-            torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-5, msg=f"grad {name}, rank {rank}")
+    for rank, by_mode in enumerate(results):
+        assert set(by_mode) == {"auto", "off"}
+        for fused, (y, x_grad, grads) in by_mode.items():
+            where = f"rank {rank}, afb_fused={fused}"
+            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=f"output, {where}")
+            torch.testing.assert_close(x_grad, x_grad_ref, rtol=1e-5, atol=1e-5, msg=f"input grad, {where}")
+            assert set(grads) == set(expected)
+            for name, g in grads.items():
+                assert g.abs().sum() > 0, f"{name} got no gradient ({where})"
+                torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-5, msg=f"grad {name}, {where}")
 
 
 def _identity_rank(rank, world, base):

@@ -198,7 +198,8 @@ MODEL_CHANGES = [
 ]
 
 # Settings without parameters, or equal after resolution: a resume may change them.
-MODEL_KEEPS = [("hidden_dropout", 0.3), ("attention_dropout", 0.2), ("attention", "local"), ("init_method_std", 0.01),
+MODEL_KEEPS = [("hidden_dropout", 0.3), ("attention_dropout", 0.2), ("attention", "local"), ("afb_fused", "off"),
+               ("init_method_std", 0.01),
                ("make_vocab_size_divisible_by", 256), ("add_bias_linear", True), ("ffn_hidden_size", 256)]
 
 

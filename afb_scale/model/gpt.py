@@ -59,7 +59,8 @@ def transformer_config(
 
 def layer_spec_for(model: ModelConfig, seed: Optional[int]):
     return transformer_layer_spec(
-        model.ffn_kind, model.feedback_rank, model.normalization, init_seed=seed, attention=model.attention
+        model.ffn_kind, model.feedback_rank, model.normalization, init_seed=seed, attention=model.attention,
+        afb_fused=model.afb_fused,
     )
 
 

@@ -14,7 +14,9 @@ included. It adds the sharded feedback units:
   Its input z is replicated (all-gathered under sequence parallelism); megatron's
   ColumnParallelLinear all-reduces dz in backward, which a hand-rolled version would forget.
 
-The hidden-unit math is `afb.feedback_hidden`, shared with the single-device reference.
+The hidden-unit math is `afb.feedback_hidden`, shared with the single-device reference; with
+`fused` (model.afb_fused) other than "off" it runs as afb_fused.FusedFeedbackHidden, one op that
+keeps only its inputs and recomputes in backward.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules, apply_swiglu_shard
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                   gather_from_sequence_parallel_region)
+
 from afb_scale.model.afb import feedback_hidden, feedback_statistics
+from afb_scale.model.afb_fused import MODES, fused_feedback_hidden
 
 
 @dataclass
@@ -55,12 +61,16 @@ class AFBMLP(MLP):
         submodules: AFBMLPSubmodules,
         feedback_rank: int = 64,
         feedback_out_init_std: float = 0.0,
+        fused: str = "auto",
         ffn_hidden_size: Optional[int] = None,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
         **kwargs,  # newer megatron-core versions pass more; they do not concern this layer
     ):
         if feedback_rank < 1:
             raise ValueError(f"feedback_rank={feedback_rank} must be >= 1")
+        if fused not in MODES:
+            raise ValueError(f"fused={fused!r} is not allowed; choose one of {', '.join(MODES)}")
+        self.fused = fused
         super().__init__(
             config,
             submodules,
@@ -112,9 +122,25 @@ class AFBMLP(MLP):
             h, u = torch.chunk(h, 2, dim=-1)
         vh, _ = self.feedback_read(h)
         z = F.gelu(vh)
-        db_and_gate, _ = self.feedback_write(z)
-        db, gate_logits = torch.chunk(db_and_gate, 2, dim=-1)
-        a = feedback_hidden(h, u, db, gate_logits)
+        # Under ZeRO-3 DeepSpeed gathers feedback_write's weight in that module's own forward and
+        # replays a recorded fetch order; reading the weight from here breaks its trace ("tracing
+        # error at step N"), so ZeRO-3 keeps the unfused path (TODO: host the op in a
+        # ColumnParallelLinear subclass's forward).
+        zero3 = any(hasattr(p, "ds_id") for p in self.feedback_write.parameters(recurse=False))
+        if self.fused == "off" or zero3:
+            db_and_gate, _ = self.feedback_write(z)  # [db; gate logits] along the last dimension
+            db, gate_logits = torch.chunk(db_and_gate, 2, dim=-1)
+            a = feedback_hidden(h, u, db, gate_logits)
+        else:
+            # The write GEMM runs inside the fused op (so [db; gl] is recomputed, not kept); z
+            # goes through the region op ColumnParallelLinear applies to its input: all-gather
+            # under sequence parallelism, else identity with dz all-reduced in backward.
+            z_in = (gather_from_sequence_parallel_region(z, group=self.tp_group) if self.config.sequence_parallel
+                    else copy_to_tensor_model_parallel_region(z, group=self.tp_group))
+            a = fused_feedback_hidden(h, u, z_in, self.feedback_write.weight, self.fused)
+            if self.collect_stats:
+                with torch.no_grad():
+                    db, gate_logits = torch.chunk(F.linear(z_in, self.feedback_write.weight), 2, dim=-1)
         if self.collect_stats:
             self.last_stats = feedback_statistics(h, db, gate_logits, a)
         return self.linear_fc2(a)
@@ -128,7 +154,7 @@ class AFBMLP(MLP):
         return sharded
 
 
-def afb_mlp_spec(feedback_rank: int, feedback_out_init_std: float = 0.0) -> ModuleSpec:
+def afb_mlp_spec(feedback_rank: int, feedback_out_init_std: float = 0.0, fused: str = "auto") -> ModuleSpec:
     """The MLP spec of an AFB transformer layer, built on megatron-core's local parallel linears."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -140,7 +166,7 @@ def afb_mlp_spec(feedback_rank: int, feedback_out_init_std: float = 0.0) -> Modu
             feedback_read=RowParallelLinear,
             feedback_write=ColumnParallelLinear,
         ),
-        params={"feedback_rank": feedback_rank, "feedback_out_init_std": feedback_out_init_std},
+        params={"feedback_rank": feedback_rank, "feedback_out_init_std": feedback_out_init_std, "fused": fused},
     )
 
 

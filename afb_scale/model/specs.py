@@ -47,6 +47,7 @@ def transformer_layer_spec(
     init_seed: Optional[int] = None,
     feedback_out_init_std: float = 0.0,
     attention: str = "sdpa",
+    afb_fused: str = "auto",
 ) -> ModuleSpec:
     """The TransformerLayer spec for one FFN kind."""
     if ffn_kind not in FFN_KINDS:
@@ -61,5 +62,5 @@ def transformer_layer_spec(
     if attention == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if ffn_kind.startswith("afb-"):
-        spec.submodules.mlp = afb_mlp_spec(feedback_rank, feedback_out_init_std)
+        spec.submodules.mlp = afb_mlp_spec(feedback_rank, feedback_out_init_std, afb_fused)
     return spec
