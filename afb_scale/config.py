@@ -203,6 +203,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _check_type(key, value, inner[0])
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value not in args:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, args))}")
         return value

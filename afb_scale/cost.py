@@ -251,7 +251,9 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
                        megatron's `x_linear + glu_linear_offset` copy, silu output, product);
                        afb-gelu 6 and afb-swiglu 8 (the base's fc1 output, then sigmoid(Ug z),
                        2 sigmoid(.), h + db, act(h + db), the product a; SwiGLU adds silu's
-                       product with u) plus V h and z: 2r (per token; /t under sequence parallelism)
+                       product with u) plus V h and z: 2r (per token; /t under sequence parallelism);
+                       with the fused AFB op (model.afb_fused, not under ZeRO-3) afb-gelu 2 and
+                       afb-swiglu 3 (h [and u], a) plus the same 2r
       dropout          a bool mask per hidden-dropout site where dropout > 0
     """
     h, f, r, s = model.hidden_size, model.resolved_ffn_hidden_size, model.feedback_rank, model.seq_length
@@ -268,6 +270,10 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
         # token: fp32 softmax output, and under 16-bit its down-cast copy that bmm saves.
         per_token += 4 * h / t * e + heads * s * (4 + (e if e < 4 else 0))
     mlp = {"gelu": 2, "swiglu": 5, "afb-gelu": 6, "afb-swiglu": 8}[model.ffn_kind]
+    if model.is_afb and model.afb_fused != "off" and layout.zero_stage != 3:
+        # The fused op (model/afb_fused.py) keeps only its inputs: fc1's output(s) and, for fc2,
+        # the activation a -- gelu 2, swiglu 3 per f/t (ZeRO-3 runs the unfused path).
+        mlp = {"afb-gelu": 2, "afb-swiglu": 3}[model.ffn_kind]
     per_token += mlp * f / t * e
     if model.is_afb:
         per_token += 2 * r * e * tok_sp

@@ -75,6 +75,7 @@ def overrides(corpus: dict, run_dir: Path, **extra) -> list[str]:
         "model.hidden_size": 64, "model.num_attention_heads": 4, "model.num_layers": 2,
         "model.seq_length": 32, "model.feedback_rank": 8, "model.vocab_size": 512,
         "model.hidden_dropout": 0.1, "model.attention_dropout": 0.1,
+        "model.afb_fused": "auto",  # the fused AFB op (eager bodies here: conftest) under resume
         "train.steps": STEPS, "train.warmup_steps": 2, "train.save_interval": SAVE_INTERVAL,
         "train.micro_batch_size": 2, "train.global_batch_size": GLOBAL_BATCH,
         "train.eval_interval": 1000, "train.eval_iters": 2, "train.log_interval": 1,

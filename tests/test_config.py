@@ -83,3 +83,9 @@ def test_cli_exit_status_in_a_fresh_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: world size 3 is not a multiple")
     assert not (tmp_path / "r").exists()
+
+
+def test_afb_fused_on_off_survive_yaml_booleans():
+    # YAML 1.1 reads a bare `off` / `on` as false / true; the key still gets its words.
+    for word in ("off", "on", "auto"):
+        assert load_config("configs/quickstart.yaml", [f"model.afb_fused={word}"]).model.afb_fused == word
