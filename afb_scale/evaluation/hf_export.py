@@ -35,6 +35,13 @@ import torch
 from afb_scale.config import ConfigError
 
 HF_FORMAT = "afb_scale-hf-1"
+
+
+def _quiet_transformers() -> None:
+    """No per-shard progress bars from save_pretrained / from_pretrained on a one-file model."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 MODEL_TYPE = "afb_gpt"
 
 
@@ -203,6 +210,7 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
     if src.tokenizer is None:
         raise ConfigError(f"the run's tokenizer {src.cfg.data.tokenizer} is not found from here; an HF export needs it")
     model, tok = build_hf_model(src)
+    _quiet_transformers()
     AfbGptConfig.register_for_auto_class()
     AfbGptForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     AfbGptTokenizer.register_for_auto_class("AutoTokenizer")
@@ -249,6 +257,7 @@ def load_model(source: str | os.PathLike):
                               f"this reads afb_scale exports (model_type {MODEL_TYPE!r})")
         if not (path / "tokenizer.model").is_file():
             raise ConfigError(f"{path} has no tokenizer.model")
+        _quiet_transformers()
         # This package's own classes (the files the export copied): no remote-code cache needed.
         model = AfbGptForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         cfg = load_config(path / "config.yaml") if (path / "config.yaml").is_file() else None
@@ -258,3 +267,27 @@ def load_model(source: str | os.PathLike):
         raise ConfigError(f"the run's tokenizer {src.cfg.data.tokenizer} is not found from here")
     model, tok = build_hf_model(src)
     return model, tok, src.cfg
+
+
+def cmd_export_hf(args) -> int:
+    out = export_hf(args.source, args.out_dir, overwrite=args.overwrite)
+    info = json.loads((out / "export.json").read_text())
+    print(f"exported step {info['step']} of {info['source_checkpoint']} to {out} as a Hugging Face model "
+          f"({info['parameters']:,} parameters, fp32, {info['ffn_kind']}); load it with "
+          f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    if args.eval:
+        from afb_scale.evaluation.evaluate import run_eval
+
+        cfg_prefix = load_model_config(out).data.datasets
+        if len(cfg_prefix) != 1:
+            raise ConfigError("--eval with --format hf evaluates one dataset; this run blends several "
+                              "(use afb-scale eval --data PREFIX)")
+        r = run_eval(str(out), data=cfg_prefix[0].prefix, split="valid", progress=False)
+        print(f"validation loss {r['loss']:.6f} (HF model, one process)")
+    return 0
+
+
+def load_model_config(out: Path):
+    from afb_scale.config import load_config
+
+    return load_config(Path(out) / "config.yaml")
