@@ -77,15 +77,16 @@ def generate_steps(model, prompts: list[list[int]], s: Sampling, vocab: int, eos
                           f"(model.seq_length), so a prompt may have at most {context - 1}")
     generator = torch.Generator().manual_seed(s.seed)
     pad = model.config.pad_token_id or 0
-    inputs = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    inputs = torch.tensor([[pad] * (longest - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], device=device)
     padded = bool((mask == 0).any())
     cache = DynamicCache(config=model.config)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for step in range(s.max_tokens):
         logits = model(input_ids=inputs, attention_mask=mask if padded else None, past_key_values=cache,
                        use_cache=True).logits[:, -1, :vocab]
-        token = next_token(logits, s, generator)
+        token = next_token(logits.cpu(), s, generator).to(device)
         if eos_id is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id
@@ -93,7 +94,7 @@ def generate_steps(model, prompts: list[list[int]], s: Sampling, vocab: int, eos
         if bool(done.all()) or longest + step + 1 >= context:
             return
         inputs = token[:, None]
-        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
 
 
 def generate_ids(model, prompt_ids: list[int], s: Sampling, vocab: int, eos_id: Optional[int],

@@ -40,9 +40,11 @@ class AfbScaleLM(TemplateLM):
         from afb_scale.evaluation.hf_export import load_model
 
         self.model, self.tokenizer, _ = load_model(path)
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm_eval's default is cuda; on a machine without one, run here
         if device not in (None, "cpu"):
             self.model.to(device)
-        self.device = next(self.model.parameters()).device
+        self._device = next(self.model.parameters()).device
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_length = int(max_length or self.model.config.max_position_embeddings)
         self.max_gen_toks = int(max_gen_toks)
@@ -75,7 +77,7 @@ class AfbScaleLM(TemplateLM):
             tokens = torch.full((len(rows), width), pad, dtype=torch.long)
             for r, i in enumerate(rows):  # right padding: causal positions before it are unaffected
                 tokens[r, :len(prepared[i][0])] = torch.tensor(prepared[i][0])
-            logprobs = F.log_softmax(self.model(input_ids=tokens.to(self.device), use_cache=False).logits.float(), -1)
+            logprobs = F.log_softmax(self.model(input_ids=tokens.to(self._device), use_cache=False).logits.float(), -1)
             for r, i in enumerate(rows):
                 inp, cont = prepared[i]
                 n = len(cont)
