@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit_main(argv[1:])
     if argv[:1] == ["lm-eval"]:  # lm_eval's own parser, with the afb_scale model registered
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            print("error: afb-scale lm-eval needs lm-eval; install it with pip install -e '.[eval]'", file=sys.stderr)
+            return EXIT_BAD_INPUT
         from afb_scale.evaluation.lm_eval_model import main as lm_eval_main
 
         return lm_eval_main(argv[1:])

@@ -37,8 +37,16 @@ from afb_scale.config import ConfigError
 HF_FORMAT = "afb_scale-hf-1"
 
 
+def require_eval_extras() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise ConfigError("the evaluation commands need transformers; install them with pip install -e '.[eval]'")
+
+
 def _quiet_transformers() -> None:
     """No per-shard progress bars from save_pretrained / from_pretrained on a one-file model."""
+    require_eval_extras()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -203,6 +211,7 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
     from afb_scale.evaluation.hf_modeling.modeling_afb_gpt import AfbGptForCausalLM
     from afb_scale.evaluation.hf_modeling.tokenization_afb_gpt import AfbGptTokenizer
 
+    require_eval_extras()
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
@@ -247,6 +256,7 @@ def load_model(source: str | os.PathLike):
     """(AfbGptForCausalLM, tokenizer, afb_scale Config or None) from any model source."""
     from afb_scale.config import load_config
 
+    require_eval_extras()
     path = Path(source)
     if is_hf_export(path):
         from afb_scale.evaluation.hf_modeling.modeling_afb_gpt import AfbGptForCausalLM

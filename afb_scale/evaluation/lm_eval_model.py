@@ -145,7 +145,7 @@ class AfbScaleLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """lm_eval's command line, with `--model afb_scale` available."""
+    """lm_eval's command line, with `--model afb_scale` available (registered on import above)."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
