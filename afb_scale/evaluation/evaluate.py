@@ -74,8 +74,8 @@ def score_batch(model, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.T
         totals.bytes += int(byte_table[ids.clamp(max=len(byte_table) - 1)].sum())
 
 
-def text_windows(files: list[str], tokenizer, seq: int, text_field: str) -> tuple[list[list[int]], int]:
-    """(windows of at most seq + 1 tokens, overlapping by one; UTF-8 bytes of the documents)."""
+def text_windows(files: list[str], tokenizer, seq: int, text_field: str) -> tuple[list[list[int]], int, int]:
+    """(windows of at most seq + 1 tokens, overlapping by one; UTF-8 bytes of the documents; files read)."""
     from data_prep.errors import DataError
     from data_prep.inputs import find_input_files, read_documents
 
@@ -92,7 +92,7 @@ def text_windows(files: list[str], tokenizer, seq: int, text_field: str) -> tupl
         raise ConfigError(str(e)) from None
     if len(stream) < 2:
         raise ConfigError(f"--text {' '.join(files)} holds no text to evaluate")
-    return [stream[i:i + seq + 1] for i in range(0, len(stream) - 1, seq)], nbytes
+    return [stream[i:i + seq + 1] for i in range(0, len(stream) - 1, seq)], nbytes, len(paths)
 
 
 def split_samples(cfg, prefix: str, split: str, max_samples: int | None):
@@ -159,10 +159,10 @@ def run_eval(source: str, text: list[str] | None = None, data: str | None = None
     seq = model.config.max_position_embeddings
     totals = Totals()
     if text:
-        windows, nbytes = text_windows(text, tok, seq, text_field)
+        windows, nbytes, nfiles = text_windows(text, tok, seq, text_field)
         evaluate_windows(model, windows, batch_size, tok.pad_token_id, totals, progress=progress)
         totals.bytes = nbytes
-        what = f"{len(windows)} windows of <= {seq} tokens from {len(text)} input(s)"
+        what = f"{len(windows)} windows of <= {seq} tokens from {nfiles} file(s)"
     else:
         if cfg is None:
             raise ConfigError(f"{source} has no config.yaml, which --data needs for the split settings")
