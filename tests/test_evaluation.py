@@ -83,7 +83,7 @@ vocab = len(tok)
 ours = list(generate_ids(hf, prompt, Sampling(max_tokens=8), vocab, None, seq))
 hf_gen = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[0, 10:].tolist()
 text = "def f(x):\n\t  return  x  # caf\u00e9 \u2713 \u65e5\u672c\n\n<|endoftext|>"
-print(json.dumps({
+afb_result = ({
     "max_abs_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
     "model_class": type(hf).__name__, "tokenizer_class": type(tok).__name__,
     "tied": hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr(),
@@ -92,11 +92,19 @@ print(json.dumps({
     "eos_in_text": tok.encode(text, add_special_tokens=False)[-1] == sp.eos_id(),
     "decode_round_trip": tok.decode(sp.encode(text[:-13])) == text[:-13],
     "eval_run_dir": run_eval(run_dir, data=prefix, split="valid", progress=False),
-}))
+})
 """
 
 
-def test_hf_export_matches_megatron_from_tp2_pp2_checkpoint(exported):
+@pytest.fixture(scope="module")
+def megatron_vs_hf(exported):
+    """One fresh process (megatron-core's one-process group stays out of pytest's): the AFB
+    reference run, then the random-weight models of the other kinds."""
+    run_dir, afb_dir, hf_dir = exported
+    return _python(_MEGATRON_VS_HF + _BASE_KINDS, afb_dir, hf_dir, run_dir, corpus()["prefix"])
+
+
+def test_hf_export_matches_megatron_from_tp2_pp2_checkpoint(exported, megatron_vs_hf):
     run_dir, afb_dir, hf_dir = exported
     names = sorted(p.name for p in hf_dir.iterdir())
     assert {"config.json", "modeling_afb_gpt.py", "configuration_afb_gpt.py", "tokenization_afb_gpt.py",
@@ -107,7 +115,7 @@ def test_hf_export_matches_megatron_from_tp2_pp2_checkpoint(exported):
     info = json.loads((hf_dir / "export.json").read_text())
     assert info["format"] == "afb_scale-hf-1" and info["step"] == 12
 
-    got = _python(_MEGATRON_VS_HF, afb_dir, hf_dir, run_dir, corpus()["prefix"])
+    got = megatron_vs_hf["afb"]
     assert (got["model_class"], got["tokenizer_class"]) == ("AfbGptForCausalLM", "AfbGptTokenizer")
     assert got["logit_scale"] > 1.0  # a real, trained model, not zeros
     assert got["max_abs_diff"] < LOGITS_ATOL, got
@@ -120,14 +128,10 @@ def test_hf_export_matches_megatron_from_tp2_pp2_checkpoint(exported):
 
 
 _BASE_KINDS = r"""
-import json, torch
 from afb_scale.config import Config, ModelConfig, ParallelConfig
-from afb_scale.export import _single_process_megatron
-from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+from afb_scale.model.gpt import build_gpt_model
 from afb_scale.evaluation.hf_export import MegatronSource, build_hf_model
-from afb_scale.evaluation.generate import Sampling, generate_ids
 
-_single_process_megatron()
 results = {}
 for name, options in {
     "gelu": dict(ffn_kind="gelu"),
@@ -155,12 +159,12 @@ for name, options in {
     ours = list(generate_ids(hf, tokens[0, :5].tolist(), Sampling(max_tokens=6), 500, None, 32))
     results[name] = {"max_abs_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
                      "greedy_equal": ours == ids[5:], "untied": "lm_head.weight" in dict(hf.named_parameters())}
-print(json.dumps(results))
+print(json.dumps({"afb": afb_result, "base": results}))
 """
 
 
-def test_base_kinds_and_layout_options_match_megatron():
-    got = _python(_BASE_KINDS)
+def test_base_kinds_and_layout_options_match_megatron(megatron_vs_hf):
+    got = megatron_vs_hf["base"]
     assert set(got) == {"gelu", "swiglu-rope-rmsnorm-untied", "afb-swiglu-rope"}
     for name, r in got.items():
         assert r["logit_scale"] > 0.1, (name, r)
