@@ -334,3 +334,20 @@ def test_bad_inputs_end_in_one_line(exported, tmp_path, capsys):
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the prompt is ") and "context is 32 tokens" in last, proc.stderr[-2000:]
+
+
+def test_tensor_parallel_eval_under_torchrun_equals_validation_loss(exported):
+    """`torchrun --nproc_per_node 2 -m afb_scale.cli eval`: megatron-core at TP = 2, sharded from
+    the consolidated weights of the TP = 2 x PP = 2 run, scores the run's validation batches."""
+    run_dir, afb_dir, _ = exported
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "afb_scale.cli",
+           "eval", str(afb_dir), "--data", str(corpus()["prefix"]), "--no-progress", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 prints
+    got = json.loads(lines[0])
+    assert "tensor parallel 2" in got["evaluated"]
+    assert got["loss"] == pytest.approx(final_val_loss(run_dir), rel=1e-5, abs=0)
+    assert got["tokens"] == 2 * 8 * 32

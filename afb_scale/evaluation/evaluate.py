@@ -9,6 +9,11 @@
     with the default sample count is exactly the batches training validated on, so the loss
     equals the "validation loss" the run printed.
 
+Under torchrun (`torchrun --nproc_per_node T -m afb_scale.cli eval SOURCE ...`) the model is
+megatron-core's, split over the T processes by tensor parallelism (the full weights of a run,
+checkpoint or `afb-scale export` are sharded on load; every rank scores the same batches, rank 0
+prints): for models that do not fit one process. Pipeline parallelism is not supported here.
+
 Every number is over the predicted tokens: loss is the mean next-token cross-entropy (nats),
 perplexity exp(loss), token accuracy the share where argmax is the target. Bits per byte is
 the summed loss / ln 2 over the UTF-8 bytes predicted: for --text the documents' bytes, for
@@ -19,6 +24,7 @@ pieces none), which is a tokenizer-independent figure for comparing models.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +65,55 @@ def piece_bytes(tokenizer) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.long)
 
 
-@torch.no_grad()
-def score_batch(model, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, totals: Totals,
+def hf_scorer(model):
+    """(per-token nll, per-token argmax hit) of a batch, from the one-process HF model."""
+    @torch.no_grad()
+    def score(tokens: torch.Tensor, labels: torch.Tensor):
+        logits = model(input_ids=tokens, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return nll.view_as(labels), logits.argmax(-1) == labels
+    return score
+
+
+def tensor_parallel_scorer(src):
+    """The same, from megatron-core's GPTModel split over this torchrun job's ranks (TP = world)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from afb_scale import device
+    from afb_scale.config import ParallelConfig, validate_model
+    from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+    from afb_scale.model.lm_loss import vocab_parallel_correct
+    from afb_scale.model.tp_layout import load_full_state
+
+    world = int(os.environ["WORLD_SIZE"])
+    validate_model(src.cfg.model, world)  # heads, ffn hidden and vocabulary divisible by TP
+    device.setup()
+    if not dist.is_initialized():
+        dist.init_process_group(device.backend())
+    parallel_state.initialize_model_parallel(world, 1)
+    device.seed_model_parallel_rng(src.cfg.train.seed)
+    model = build_gpt_model(src.cfg.model, ParallelConfig(tensor=world), "fp32", src.cfg.train.seed).eval()
+    with torch.no_grad():
+        load_full_state(model, src.state, parallel_state.get_tensor_model_parallel_rank(), world)
+
+    @torch.no_grad()
+    def score(tokens: torch.Tensor, labels: torch.Tensor):
+        logits = model(tokens, position_ids_for(tokens), causal_attention_mask(tokens.shape[1]))  # [b, s, v/t]
+        nll = vocab_parallel_cross_entropy(logits.float().contiguous(), labels)
+        return nll, vocab_parallel_correct(logits, labels)
+    return score
+
+
+def score_batch(score, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, totals: Totals,
                 byte_table: torch.Tensor | None = None) -> None:
     """Add one batch ([b, s] each; mask 1 where the label counts) to the totals."""
-    logits = model(input_ids=tokens, use_cache=False).logits.float()
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    nll, hits = score(tokens, labels)
     m = mask.reshape(-1).bool()
-    totals.nll += float(nll[m].double().sum())
+    totals.nll += float(nll.reshape(-1)[m].double().sum())
     totals.tokens += int(m.sum())
-    totals.correct += int((logits.argmax(-1).reshape(-1) == labels.reshape(-1))[m].sum())
+    totals.correct += int(hits.reshape(-1)[m].sum())
     if byte_table is not None:
         ids = labels.reshape(-1)[m]
         totals.bytes += int(byte_table[ids.clamp(max=len(byte_table) - 1)].sum())
@@ -116,7 +161,7 @@ def split_samples(cfg, prefix: str, split: str, max_samples: int | None):
     return [dataset[j] for j in range(min(n, len(dataset)))]
 
 
-def evaluate_windows(model, windows: list[list[int]], batch_size: int, pad_id: int, totals: Totals,
+def evaluate_windows(score, windows: list[list[int]], batch_size: int, pad_id: int, totals: Totals,
                      byte_table=None, progress: bool = True) -> Totals:
     from tqdm import tqdm
 
@@ -131,43 +176,54 @@ def evaluate_windows(model, windows: list[list[int]], batch_size: int, pad_id: i
             tokens[i, :len(w) - 1] = torch.tensor(w[:-1])
             labels[i, :len(w) - 1] = torch.tensor(w[1:])
             mask[i, :len(w) - 1] = 1
-        score_batch(model, tokens, labels, mask, totals, byte_table)
+        score_batch(score, tokens, labels, mask, totals, byte_table)
     return totals
 
 
-def evaluate_samples(model, samples, batch_size: int, totals: Totals, byte_table, progress: bool = True) -> Totals:
+def evaluate_samples(score, samples, batch_size: int, totals: Totals, byte_table, progress: bool = True) -> Totals:
     from tqdm import tqdm
 
     for start in tqdm(range(0, len(samples), batch_size), desc="eval", unit="batch", disable=not progress,
                       file=sys.stderr):
         chunk = samples[start:start + batch_size]
         batch = {k: torch.stack([torch.as_tensor(s[k]) for s in chunk]) for k in ("tokens", "labels", "loss_mask")}
-        score_batch(model, batch["tokens"], batch["labels"], batch["loss_mask"], totals, byte_table)
+        score_batch(score, batch["tokens"], batch["labels"], batch["loss_mask"], totals, byte_table)
     return totals
 
 
 def run_eval(source: str, text: list[str] | None = None, data: str | None = None, split: str = "valid",
              max_samples: int | None = None, batch_size: int = 8, text_field: str = "text",
              progress: bool = True) -> dict:
-    from afb_scale.evaluation.hf_export import load_model
+    from afb_scale.evaluation.hf_export import is_hf_export, load_model, load_tokenizer, read_megatron_source
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be >= 1")
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"--max-samples={max_samples} must be >= 1")
-    model, tok, cfg = load_model(source)
-    seq = model.config.max_position_embeddings
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: megatron-core, tensor parallel
+        if is_hf_export(Path(source)):
+            raise ConfigError(f"{source} is a Hugging Face export; tensor-parallel eval reads a run, a checkpoint "
+                              "or an afb-scale export (the megatron-core weights)")
+        src = read_megatron_source(source)
+        if src.tokenizer is None:
+            raise ConfigError(f"the run's tokenizer {src.cfg.data.tokenizer} is not found from here")
+        tok, cfg, seq = load_tokenizer(src.tokenizer), src.cfg, src.cfg.model.seq_length
+        score = tensor_parallel_scorer(src)
+        progress = progress and int(os.environ.get("RANK", "0")) == 0
+    else:
+        model, tok, cfg = load_model(source)
+        seq, score = model.config.max_position_embeddings, hf_scorer(model)
     totals = Totals()
     if text:
         windows, nbytes, nfiles = text_windows(text, tok, seq, text_field)
-        evaluate_windows(model, windows, batch_size, tok.pad_token_id, totals, progress=progress)
+        evaluate_windows(score, windows, batch_size, tok.pad_token_id, totals, progress=progress)
         totals.bytes = nbytes
         what = f"{len(windows)} windows of <= {seq} tokens from {nfiles} file(s)"
     else:
         if cfg is None:
             raise ConfigError(f"{source} has no config.yaml, which --data needs for the split settings")
         samples = split_samples(cfg, data, split, max_samples)
-        evaluate_samples(model, samples, batch_size, totals, piece_bytes(tok), progress=progress)
+        evaluate_samples(score, samples, batch_size, totals, piece_bytes(tok), progress=progress)
         what = f"{len(samples)} {split} samples of {seq} tokens from {data} (data.split={cfg.data.split})"
     return {**totals.report(), "evaluated": what}
 
@@ -179,6 +235,10 @@ def cmd_eval(args) -> int:
         raise ConfigError("give exactly one of --text FILES or --data PREFIX")
     result = run_eval(args.source, args.text, args.data, args.split, args.max_samples, args.batch_size,
                       args.text_field, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        result["evaluated"] += f", megatron-core at tensor parallel {os.environ['WORLD_SIZE']}"
     print(f"evaluated: {result['evaluated']}")
     print(f"tokens {result['tokens']:,}  bytes {result['bytes']:,}")
     print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.3f}  "
