@@ -327,27 +327,15 @@ def test_bad_inputs_end_in_one_line(exported, tmp_path, capsys):
     assert main(["generate", str(hf_dir), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p=0" in _error_line(capsys)
 
-    # The real command in a fresh process: a prompt longer than the 32-token context.
-    proc = subprocess.run([sys.executable, "-m", "afb_scale.cli", "generate", str(hf_dir), "--prompt", "word " * 100],
+    assert main(["generate", str(hf_dir), "--prompt", "word " * 100]) == 2  # longer than the 32-token context
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the prompt is ") and "context is 32 tokens" in last, last
+
+    # The real command in a fresh process (exit status, stderr, nothing on stdout).
+    proc = subprocess.run([sys.executable, "-m", "afb_scale.cli", "eval", str(tmp_path / "norun"), "--text", "x"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
-    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the prompt is ") and "context is 32 tokens" in last, proc.stderr[-2000:]
-
-
-def test_tensor_parallel_eval_under_torchrun_equals_validation_loss(exported):
-    """`torchrun --nproc_per_node 2 -m afb_scale.cli eval`: megatron-core at TP = 2, sharded from
-    the consolidated weights of the TP = 2 x PP = 2 run, scores the run's validation batches."""
-    run_dir, afb_dir, _ = exported
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "afb_scale.cli",
-           "eval", str(afb_dir), "--data", str(corpus()["prefix"]), "--no-progress", "--json"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1  # rank 0 prints
-    got = json.loads(lines[0])
-    assert "tensor parallel 2" in got["evaluated"]
-    assert got["loss"] == pytest.approx(final_val_loss(run_dir), rel=1e-5, abs=0)
-    assert got["tokens"] == 2 * 8 * 32
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'norun'} has no complete checkpoint"
