@@ -5,7 +5,10 @@
                                                                  parameters, FLOPs, memory, time (no GPU)
     afb-scale prepare-data [--out data/default ...]               the built-in corpus (data_prep)
     afb-scale submit configs/cluster/example.yaml [--dry-run]   Slurm batch script (launch/)
-    afb-scale export RUN_DIR|CHECKPOINT OUT_DIR [--eval]         one-process model (safetensors)
+    afb-scale export RUN_DIR|CHECKPOINT OUT_DIR [--eval] [--format afb|hf]   one-process model / HF transformers
+    afb-scale generate SOURCE --prompt TEXT [--temperature T --top-k K --top-p P --max-tokens N --seed S]
+    afb-scale eval SOURCE --text FILES | --data PREFIX            loss, perplexity, bits/byte, accuracy
+    afb-scale lm-eval --model afb_scale --model_args path=SOURCE ...   lm-evaluation-harness
     afb-scale sweep --sweep configs/studies/X.yaml [--run | --submit CLUSTER_YAML]
     afb-scale report RUN_DIR... --out DIR                         table + PNG plots
 
@@ -223,7 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--eval", action="store_true", help="load the export here and print its validation loss")
+    p.add_argument("--format", choices=("afb", "hf"), default="afb", help="afb (default): safetensors under "
+                   "megatron's names; hf: a Hugging Face transformers directory (trust_remote_code)")
     p.set_defaults(func=cmd_export)
+    # ---- evaluation (afb_scale/evaluation/)
+    from afb_scale.evaluation import evaluate, generate
+
+    p = sub.add_parser("generate", help="continue a prompt (greedy or sampled, KV cache), streamed to stdout")
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.cmd_generate)
+    p = sub.add_parser("eval", help="loss, perplexity, bits per byte and token accuracy on held-out text")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.cmd_eval)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with --model afb_scale (lm_eval's own arguments)")
     p = sub.add_parser("sweep", help="expand a sweep file; --run runs it here, --submit as a Slurm array job")
     p.add_argument("--sweep", required=True)
     p.add_argument("--run", action="store_true", help="run every variant with torchrun here, then report")
@@ -272,6 +287,15 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
         from afb_scale.cluster.submit import main as submit_main
 
         return submit_main(argv[1:])
+    if argv[:1] == ["lm-eval"]:  # lm_eval's own parser, with the afb_scale model registered
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            print("error: afb-scale lm-eval needs lm-eval; install it with pip install -e '.[eval]'", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        from afb_scale.evaluation.lm_eval_model import main as lm_eval_main
+
+        return lm_eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     import torch
 

@@ -181,9 +181,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out_dir", help="export directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--eval", action="store_true", help="load the export in this process and print its validation loss")
+    p.add_argument("--format", choices=("afb", "hf"), default="afb", help="afb (default): safetensors under "
+                   "megatron's names; hf: a Hugging Face transformers directory (afb_scale/evaluation/hf_export.py)")
 
 
 def cmd_export(args) -> int:
+    if getattr(args, "format", "afb") == "hf":
+        from afb_scale.evaluation.hf_export import cmd_export_hf
+
+        return cmd_export_hf(args)
     out = export_model(args.source, args.out_dir, overwrite=args.overwrite)
     info = json.loads((out / "export.json").read_text())
     print(f"exported step {info['step']} of {info['source_checkpoint']} to {out} "

@@ -15,7 +15,7 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install "torch==2.13.0"
   fi
 fi
-"$PYTHON" -m pip install -q -e ".[test]"
+"$PYTHON" -m pip install -q -e ".[test,eval]"  # eval: transformers + lm-eval (afb_scale/evaluation/)
 
 # DeepSpeed on CPU JIT-builds a shared-memory comm op on first use; two ranks building it at
 # once has aborted runs, so build it once here (cached under ~/.cache/torch_extensions).

@@ -1,0 +1,1 @@
+"""Hugging Face model, config and tokenizer classes: self-contained files that `--format hf` exports copy."""
