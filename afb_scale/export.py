@@ -26,6 +26,7 @@ training run printed as "validation loss".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -68,9 +69,7 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
     cfg = load_config(tag_dir / "config.yaml")
     state = dict(read_consolidated(tag_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as stage:
         save_file(state, str(stage / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
         dump_config(cfg, stage / "config.yaml")
         tokenizer = Path(cfg.data.tokenizer)
@@ -86,13 +85,23 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
             "parameters": int(sum(t.numel() for t in state.values())),
         }
         (stage / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path):
+    """A temporary directory beside `out` to write into; when the block ends normally it
+    replaces `out` (one rename), on any error it is removed: `out` is never half-written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield stage
         if out.exists():
             shutil.rmtree(out)
         os.replace(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    return out
 
 
 def _single_process_megatron() -> None:

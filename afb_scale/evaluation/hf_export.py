@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -33,6 +31,7 @@ from typing import Optional
 import torch
 
 from afb_scale.config import ConfigError
+from afb_scale.export import staged_directory
 
 HF_FORMAT = "afb_scale-hf-1"
 
@@ -223,9 +222,7 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
     AfbGptConfig.register_for_auto_class()
     AfbGptForCausalLM.register_for_auto_class("AutoModelForCausalLM")
     AfbGptTokenizer.register_for_auto_class("AutoTokenizer")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as stage:
         model.generation_config.eos_token_id = tok.eos_token_id
         model.generation_config.pad_token_id = tok.pad_token_id
         model.save_pretrained(stage)
@@ -239,12 +236,6 @@ def export_hf(source: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
                 "model_sha256": describe_file(stage / "model.safetensors")["sha256"],
                 "tokenizer_sha256": describe_file(stage / "tokenizer.model")["sha256"]}
         (stage / "export.json").write_text(json.dumps(info, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
     return out
 
 
