@@ -38,6 +38,7 @@ from afb_scale.metrics.run_logger import RunLogger, Throughput, format_duration
 from afb_scale.metrics.spectral import probe_spectral_metrics, spectral_due
 from afb_scale.metrics.stability import StabilityTracker
 from afb_scale.metrics.throughput import RunPerformance
+from afb_scale.model.self_guided import SelfGuidedSchedule
 from afb_scale.parallel import any_rank, init_distributed
 from afb_scale.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from afb_scale.watchdog import StartupWatchdog
@@ -139,8 +140,9 @@ def run(cfg: Config, world_size: int) -> int:
     with watchdog.phase("checkpoint discovery"):
         dist.barrier()
         plan = checkpoint.resume_plan(cfg, world_size, run_dir)
+    guide = SelfGuidedSchedule(cfg, world_size)  # structured kinds: the guide exists until its step
     with watchdog.phase("engine build"):
-        engine = Engine(cfg, world_size, initial_weights=plan.pop("weights", None) if plan else None)
+        engine = Engine(guide.engine_config(plan), world_size, initial_weights=plan.pop("weights", None) if plan else None)
     G = t.global_batch_size
     with watchdog.phase("dataset build"):
         train_ds, valid_ds, _ = build_datasets(cfg, samples_needed(cfg))
@@ -201,6 +203,7 @@ def run(cfg: Config, world_size: int) -> int:
     if "rng" in state:
         checkpoint.set_rng_state(state.pop("rng"))  # last, so nothing above draws from them
     while step < t.steps:
+        engine = guide.on_step(engine, step)  # self-guided alpha; a new engine when the guide goes
         engine.loss_fn.inject_nan = testing_hooks.inject_nan(step + 1)
         result = engine.train_batch(rank_micro_batches(train_ds, consumed, cfg, dp_rank, dp))
         engine.loss_fn.inject_nan = False
