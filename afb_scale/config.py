@@ -25,7 +25,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-FFN_KINDS = ("gelu", "swiglu", "afb-gelu", "afb-swiglu")
+# Structured comparators (Wei et al. 2024, model/structured.py): <structure>-<base>.
+STRUCTURED_FFN_KINDS = tuple(f"{s}-{b}" for s in ("lowrank", "blockdense", "blockshuffle") for b in ("gelu", "swiglu"))
+FFN_KINDS = ("gelu", "swiglu", "afb-gelu", "afb-swiglu") + STRUCTURED_FFN_KINDS
 # Core attention: fused scaled_dot_product_attention, or megatron-core's local one (s x s scores).
 ATTENTION_KINDS = ("sdpa", "local")
 
@@ -71,10 +73,34 @@ class ModelConfig:
     # in backward (afb_scale/model/afb_fused.py). auto: compiled where torch.compile works, else
     # eager bodies; on: compiled or an error; off: the unfused reference math.
     afb_fused: Literal["auto", "on", "off"] = "auto"
+    # Structured FFN kinds (lowrank-*, blockdense-*, blockshuffle-*; model/structured.py):
+    # size by the share of the dense FFN's weights (null: 0.63) unless structured_rank (lowrank,
+    # blockdense) / structured_blocks (blockdense, default 4; blockshuffle) are given.
+    structured_share: Optional[float] = None
+    structured_rank: Optional[int] = None
+    structured_blocks: Optional[int] = None
+    # Self-guided training: a dense guide mixed in with weight alpha, 1 -> 0 over the first
+    # guide_fraction of train.steps, then dropped from compute, optimizer and checkpoints.
+    self_guided: bool = True
+    guide_fraction: float = 0.5
+    guide_schedule: Literal["cosine", "linear"] = "cosine"
 
     @property
     def is_afb(self) -> bool:
         return self.ffn_kind.startswith("afb-")
+
+    @property
+    def structure(self) -> Optional[str]:
+        """lowrank / blockdense / blockshuffle for a structured kind, else None."""
+        return self.ffn_kind.split("-")[0] if self.ffn_kind in STRUCTURED_FFN_KINDS else None
+
+    @property
+    def structured_size(self):
+        """Resolved rank / blocks and the achieved parameter share (a StructuredSize)."""
+        from afb_scale.model.structured import resolve_size
+
+        return resolve_size(self.structure, self.hidden_size, self.resolved_ffn_hidden_size, self.is_gated,
+                            self.structured_share, self.structured_rank, self.structured_blocks)
 
     @property
     def is_gated(self) -> bool:
@@ -363,6 +389,38 @@ def validate_model(m: ModelConfig, tensor_parallel: int = 1) -> None:
             f"padded vocabulary {m.padded_vocab_size} (model.make_vocab_size_divisible_by="
             f"{m.make_vocab_size_divisible_by}) must be divisible by parallel.tensor={t}"
         )
+    validate_structured(m, t)
+
+
+def validate_structured(m: ModelConfig, t: int) -> None:
+    """Sizes of the structured kinds: shares in (0, 1], block counts that divide the projections
+    and shard over TP (parallel_structured.py's rules)."""
+    if m.structured_share is not None and not 0 < m.structured_share <= 1:
+        raise ConfigError(f"model.structured_share={m.structured_share} must be in (0, 1] (a share of the dense FFN's weights)")
+    for key in ("structured_rank", "structured_blocks"):
+        if getattr(m, key) is not None and not 1 <= getattr(m, key) <= FFN_HIDDEN_MAX:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be between 1 and {FFN_HIDDEN_MAX}")
+    if not 0 <= m.guide_fraction <= 1:
+        raise ConfigError(f"model.guide_fraction={m.guide_fraction} must be in [0, 1] (a fraction of train.steps)")
+    if m.structure is None:
+        return
+    size = m.structured_size
+    d, f, nb, r = m.hidden_size, m.resolved_ffn_hidden_size, size.blocks, size.rank
+    if m.structure == "blockdense":
+        if r % nb:
+            raise ConfigError(f"model.structured_rank={r} must be divisible by model.structured_blocks={nb} ({m.ffn_kind})")
+    if m.structure in ("blockdense", "blockshuffle"):
+        for name, width in (("model.hidden_size", d), ("FFN hidden size", f)):
+            if width % nb:
+                raise ConfigError(f"{name}={width} must be divisible by model.structured_blocks={nb} ({m.ffn_kind}; "
+                                  "set model.structured_blocks or model.structured_share)")
+        # blockshuffle's SwiGLU fc1 shards its [gate; up] blocks with stride 2
+        need = 2 * t if (m.structure == "blockshuffle" and m.is_gated) else t
+        if nb % need:
+            raise ConfigError(f"model.structured_blocks={nb} must be divisible by {need} (parallel.tensor={t}"
+                              f"{' x 2, SwiGLU' if need != t else ''}): blocks are sharded over tensor-parallel ranks")
+        if m.structure == "blockshuffle" and (min(d, f) // nb) < 1:
+            raise ConfigError(f"model.structured_blocks={nb} leaves empty blocks at hidden size {d}")
 
 
 def _check_directory(key: str, value: str) -> None:
@@ -417,6 +475,9 @@ def validate(cfg: Config, world_size: int, cuda_available: Optional[bool] = None
             f"{p.tensor} x {p.pipeline}; world size must equal TP x PP x DP"
         )
     validate_model(cfg.model, p.tensor)
+    from afb_scale.model.self_guided import check_layout  # self-guided structured kinds: where the guide can go
+
+    check_layout(cfg)
     if cfg.model.num_layers % p.pipeline:
         raise ConfigError(
             f"model.num_layers={cfg.model.num_layers} must be divisible by parallel.pipeline={p.pipeline}"

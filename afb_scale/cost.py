@@ -37,6 +37,8 @@ checkpointing's recomputed forward is not counted there (it is in `hardware` FLO
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from afb_scale.config import ModelConfig
@@ -89,17 +91,56 @@ def _layer_parameters(model: ModelConfig, t: int) -> dict[str, int]:
     if b:
         out["self_attention.linear_proj.bias"] = h
     norm("pre_mlp_layernorm")
-    out["mlp.linear_fc1.weight"] = up * f * h // t
-    if b:
-        out["mlp.linear_fc1.bias"] = up * f // t
-    out["mlp.linear_fc2.weight"] = h * f // t
-    if b:
-        out["mlp.linear_fc2.bias"] = h
+    if model.structure is not None:
+        out.update(_structured_mlp_parameters(model, t))
+    else:
+        out["mlp.linear_fc1.weight"] = up * f * h // t
+        if b:
+            out["mlp.linear_fc1.bias"] = up * f // t
+        out["mlp.linear_fc2.weight"] = h * f // t
+        if b:
+            out["mlp.linear_fc2.bias"] = h
     if model.is_afb:
         out["mlp.feedback_read.weight"] = r * f // t
         out["mlp.feedback_read.bias"] = r
         out["mlp.feedback_write.weight"] = 2 * f * r // t
     return out
+
+
+def _structured_mlp_parameters(model: ModelConfig, t: int) -> dict[str, int]:
+    """A structured MLP's parameters on one of t ranks (model/parallel_structured.py's sharding
+    rules): replicated first factors of fc1 and second factors of lowrank / blockshuffle fc2,
+    the rest split over t; the dense guide (while it exists) like a dense fc1 / fc2."""
+    from afb_scale.model.structured import factor_shapes
+
+    h, f = model.hidden_size, model.resolved_ffn_hidden_size
+    m1 = (2 if model.is_gated else 1) * f
+    size, kind = model.structured_size, model.structure
+    (a1, a2), (c1, c2) = (factor_shapes(kind, h, m1, size.rank, size.blocks),
+                          factor_shapes(kind, f, h, size.rank, size.blocks))
+    n = math.prod
+    out = {"mlp.linear_fc1.first.weight": n(a1), "mlp.linear_fc1.second.weight": n(a2) // t}
+    if kind == "lowrank":
+        fc2 = {"first": n(c1) // t, "second": n(c2)}
+    elif kind == "blockdense":
+        fc2 = {"first": n(c1) // t, "second": n(c2) // t}
+    else:
+        fc2 = {"first": n(c1) // t, "second": n(c2)}
+    out.update({f"mlp.linear_fc2.{k}.weight": v for k, v in fc2.items()})
+    if model.self_guided and model.guide_fraction > 0:
+        out["mlp.linear_fc1.guide.weight"] = m1 * h // t
+        out["mlp.linear_fc2.guide.weight"] = h * f // t
+    if model.use_bias:
+        out["mlp.linear_fc1.bias"] = m1 // t
+        out["mlp.linear_fc2.bias"] = h
+    return out
+
+
+def structured_mlp_flops(model: ModelConfig) -> int:
+    """Forward matmul FLOPs per token of a structured MLP without its guide: every factor
+    weight is one multiply-add per token (block-diagonal blocks included). While the guide
+    exists, each guided step adds the dense MLP's 2 (2 or 3) h f on top."""
+    return 2 * model.structured_size.params
 
 
 def rank_parameters(model: ModelConfig, tensor: int = 1, pipeline: int = 1, stage: int = 0) -> dict[str, int]:
@@ -139,7 +180,7 @@ def _layer_forward_flops(model: ModelConfig) -> int:
         2 * 3 * h * h  # qkv
         + 2 * 2 * s * h  # QK^T and AV over the full s x s
         + 2 * h * h  # output projection
-        + 2 * (3 if model.is_gated else 2) * h * f  # MLP
+        + (2 * (3 if model.is_gated else 2) * h * f if model.structure is None else structured_mlp_flops(model))  # MLP
     )
     if model.is_afb:
         layer += 2 * 3 * f * r  # V, Ub, Ug
@@ -269,12 +310,19 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
         # q, k, v (views of the qkv output) and proj's input; probabilities [heads/t, s] per
         # token: fp32 softmax output, and under 16-bit its down-cast copy that bmm saves.
         per_token += 4 * h / t * e + heads * s * (4 + (e if e < 4 else 0))
-    mlp = {"gelu": 2, "swiglu": 5, "afb-gelu": 6, "afb-swiglu": 8}[model.ffn_kind]
+    base = "swiglu" if model.is_gated else "gelu"
+    mlp = {"gelu": 2, "swiglu": 5, "afb-gelu": 6, "afb-swiglu": 8}[model.ffn_kind if model.structure is None else base]
     if model.is_afb and model.afb_fused != "off" and layout.zero_stage != 3:
         # The fused op (model/afb_fused.py) keeps only its inputs: fc1's output(s) and, for fc2,
         # the activation a -- gelu 2, swiglu 3 per f/t (ZeRO-3 runs the unfused path).
         mlp = {"afb-gelu": 2, "afb-swiglu": 3}[model.ffn_kind]
     per_token += mlp * f / t * e
+    if model.structure is not None:
+        # Structured (estimate, not measured): each projection's inner activation (rank r, or
+        # blockshuffle's min(n, m)) is saved for its second factor; replicated on fc1's side.
+        size = model.structured_size
+        inner = size.rank if size.rank else min(h, f)
+        per_token += 2 * inner * e
     if model.is_afb:
         per_token += 2 * r * e * tok_sp
     if model.hidden_dropout > 0:

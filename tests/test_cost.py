@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from multiproc import run_ranks
 
-from afb_scale.config import FFN_KINDS, ModelConfig
+from afb_scale.config import FFN_KINDS, STRUCTURED_FFN_KINDS, ModelConfig
 from afb_scale.cost import (GIB, H100_BF16_DENSE_PEAK, Layout, _partition_intersecting, flops_per_token,
                             layer_activation_bytes, memory_per_device, mfu, parameter_count, rank_parameters)
 
@@ -26,6 +26,8 @@ CASES = [
 
 def small(**kw) -> ModelConfig:
     # vocab 1000 pads to 1024; ffn default (4h, or 2/3 of it rounded up to 64 for SwiGLU).
+    if kw.get("ffn_kind", "").split("-")[0] in ("lowrank", "blockdense", "blockshuffle"):
+        kw.setdefault("structured_share", 0.32)  # blockshuffle: 4 blocks, which shard at TP=2 for SwiGLU too
     return ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, feedback_rank=8,
                        seq_length=16, vocab_size=1000, **kw)
 
@@ -108,11 +110,16 @@ FLOP_SHAPES = {
 }
 
 
+DENSE_KINDS = [k for k in FFN_KINDS if k not in STRUCTURED_FFN_KINDS]
 # Model FLOPs are counted on the unfused AFB path: the fused op (model.afb_fused) also recomputes
 # its write GEMM in backward, hardware work that MFU does not count (the SDPA set runs it).
 LOCAL = [ModelConfig(ffn_kind=kind, attention="local", afb_fused="off", **shape)
-         for shape in FLOP_SHAPES.values() for kind in FFN_KINDS]
-SDPA = [ModelConfig(ffn_kind=kind, **FLOP_SHAPES["tiny"]) for kind in FFN_KINDS]
+         for shape in FLOP_SHAPES.values() for kind in DENSE_KINDS]
+SDPA = [ModelConfig(ffn_kind=kind, **FLOP_SHAPES["tiny"]) for kind in DENSE_KINDS]
+# Structured kinds without their guide (the steady state the FLOP formula counts), tiny shape:
+# their block-diagonal factors run as bmm, so only the total is compared.
+STRUCTURED = [ModelConfig(ffn_kind=kind, attention="local", self_guided=False, structured_share=share,
+                          **FLOP_SHAPES["tiny"]) for kind in STRUCTURED_FFN_KINDS for share in (0.63, 0.32)]
 RECOMPUTE = [ModelConfig(ffn_kind=kind, attention="local", afb_fused="off", **FLOP_SHAPES["tiny"])
              for kind in ("gelu", "afb-swiglu")]
 
@@ -144,7 +151,8 @@ def _counted_flops(rank, world):
             loss.backward()
         return counter.get_total_flops(), {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
 
-    return [count(m) for m in LOCAL], [count(m) for m in SDPA], [count(m, recompute=True) for m in RECOMPUTE]
+    return ([count(m) for m in LOCAL], [count(m) for m in SDPA], [count(m, recompute=True) for m in RECOMPUTE],
+            [count(m) for m in STRUCTURED])
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +181,14 @@ def test_flops_per_token_matches_torch_flop_counter(counted):
             f, r = model.resolved_ffn_hidden_size, model.feedback_rank
             assert by_kind[(model.hidden_size, model.ffn_kind)] - base == \
                 3 * 2 * 3 * f * r * model.num_layers * model.seq_length
+
+
+def test_structured_flops_per_token_match_torch_flop_counter(counted):
+    """Structured kinds at both shares: torch's count equals the formula within 1%, and their
+    MLP FLOPs are the structured weights' 2 per token (a share of the dense MLP's)."""
+    for model, (flops, by_op) in zip(STRUCTURED, counted[3]):
+        expected = flops_per_token(model) * model.seq_length
+        assert abs(flops - expected) <= 0.01 * expected, (model.ffn_kind, model.structured_share, flops, expected, by_op)
 
 
 def test_sdpa_model_counts_the_same_matmuls_outside_attention(counted):

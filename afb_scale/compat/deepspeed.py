@@ -1,7 +1,7 @@
 """Every place afb_scale reaches into DeepSpeed 0.19.8's internals, with why.
 
 The engine uses DeepSpeed through its public API (`deepspeed.initialize`, `train_batch`,
-`backward`/`step`, `save_checkpoint`/`load_checkpoint`); the three patches below are the only
+`backward`/`step`, `save_checkpoint`/`load_checkpoint`); the functions below are the only
 writes to its private state. Each names the upstream code it replaces; `UPSTREAM` holds a hash of
 that code in the pinned version, and tests/test_compat.py fails loudly when an upgrade changes it,
 so whoever upgrades re-reads the patch instead of shipping a silently wrong one.
@@ -92,6 +92,14 @@ def skip_allreduce_without_data_parallel_peers(engine) -> None:
     and are left alone.
     """
     engine.enable_backward_allreduce = False
+
+
+def copy_step_counters(old, new) -> None:
+    """Carry DeepSpeed's step counters from one engine to its replacement (self-guided training
+    rebuilds the engine without the guide mid-run, model/self_guided.py). DeepSpeed has no API
+    for this; these are the attributes `_take_model_step` and `save_checkpoint` read."""
+    for counter in ("global_steps", "global_samples", "micro_steps", "skipped_steps"):
+        setattr(new, counter, getattr(old, counter))
 
 
 def set_training_position(engine, scheduler, step: int, consumed_samples: int) -> None:

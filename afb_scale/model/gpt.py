@@ -58,9 +58,15 @@ def transformer_config(
 
 
 def layer_spec_for(model: ModelConfig, seed: Optional[int]):
+    structured = None
+    if model.structure is not None:
+        size = model.structured_size
+        # self_guided here means "the guide exists in this build" (self_guided.config_at_step).
+        structured = (size.rank, size.blocks, model.self_guided and model.guide_fraction > 0)
     return transformer_layer_spec(
         model.ffn_kind, model.feedback_rank, model.normalization, init_seed=seed, attention=model.attention,
         afb_fused=model.afb_fused,
+        structured=structured,
     )
 
 

@@ -1,9 +1,11 @@
-"""megatron-core layer specs for each FFN kind: gelu | swiglu | afb-gelu | afb-swiglu.
+"""megatron-core layer specs for each FFN kind: gelu | swiglu | afb-gelu | afb-swiglu, and the
+structured comparators lowrank- / blockdense- / blockshuffle- x gelu / swiglu.
 
 All four start from megatron-core's local (non-Transformer-Engine) GPT layer spec: swapping the
 MLP inside the TE spec would drop the pre-MLP layernorm, which TE fuses into fc1. GELU vs
 SwiGLU is a TransformerConfig matter (`gated_linear_unit`, see gpt.py), so the baselines keep
-megatron's own MLP and the AFB kinds swap in `AFBMLP`, which extends it.
+megatron's own MLP and the AFB kinds swap in `AFBMLP`, which extends it; the structured kinds
+keep megatron's MLP with structured fc1 / fc2 (parallel_structured.py).
 
 Two parts of the local spec are replaced on every machine: the norms (norm.py: megatron picks
 TE's, Apex's or torch's by what is importable, and torch's refuses sequence parallelism) and, with
@@ -23,6 +25,7 @@ from afb_scale.config import ATTENTION_KINDS, FFN_KINDS, ConfigError
 from afb_scale.model.attention import SDPAttention
 from afb_scale.model.norm import Norm
 from afb_scale.model.parallel_afb import afb_mlp_spec
+from afb_scale.model.parallel_structured import structured_mlp_spec
 
 
 class SeededTransformerLayer(TransformerLayer):
@@ -48,8 +51,10 @@ def transformer_layer_spec(
     feedback_out_init_std: float = 0.0,
     attention: str = "sdpa",
     afb_fused: str = "auto",
+    structured: Optional[tuple[int, int, bool]] = None,
 ) -> ModuleSpec:
-    """The TransformerLayer spec for one FFN kind."""
+    """The TransformerLayer spec for one FFN kind; `structured` = (rank, blocks, guide) for the
+    structured kinds (ModelConfig.structured_size; the guide's presence by self_guided.py)."""
     if ffn_kind not in FFN_KINDS:
         raise ConfigError(f"model.ffn_kind={ffn_kind!r} is not allowed; choose one of {', '.join(FFN_KINDS)}")
     if attention not in ATTENTION_KINDS:
@@ -63,4 +68,8 @@ def transformer_layer_spec(
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if ffn_kind.startswith("afb-"):
         spec.submodules.mlp = afb_mlp_spec(feedback_rank, feedback_out_init_std, afb_fused)
+    elif ffn_kind.split("-")[0] in ("lowrank", "blockdense", "blockshuffle"):
+        if structured is None:
+            raise ValueError(f"ffn_kind={ffn_kind!r} needs structured=(rank, blocks, guide)")
+        spec.submodules.mlp = structured_mlp_spec(ffn_kind.split("-")[0], *structured)
     return spec

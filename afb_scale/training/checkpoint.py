@@ -328,6 +328,9 @@ def _model_identity(m) -> list[tuple[str, object, str]]:
            ("ffn_hidden_size", m.resolved_ffn_hidden_size, m.resolved_ffn_hidden_size)]
     if m.is_afb:
         out.append(("feedback_rank", m.feedback_rank, m.feedback_rank))
+    if m.structure is not None:  # the resolved sizes: a share and an explicit rank may agree
+        size = m.structured_size
+        out += [("structured_rank", size.rank, size.rank), ("structured_blocks", size.blocks, size.blocks)]
     out += [("vocab_size", m.vocab_size, m.vocab_size),
             ("make_vocab_size_divisible_by", m.padded_vocab_size,
              f"{m.make_vocab_size_divisible_by} (padded vocabulary {m.padded_vocab_size})"),

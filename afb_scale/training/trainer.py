@@ -40,6 +40,7 @@ from afb_scale.metrics.run_logger import RunLogger, Throughput, format_duration
 from afb_scale.metrics.spectral import probe_spectral_metrics, spectral_due
 from afb_scale.metrics.stability import StabilityTracker
 from afb_scale.metrics.throughput import RunPerformance
+from afb_scale.model.self_guided import SelfGuidedSchedule
 from afb_scale.parallel.groups import any_rank, init_distributed
 from afb_scale.parallel.layout import ParallelLayout
 from afb_scale.training import checkpoint
@@ -126,6 +127,7 @@ class Trainer:
         self.preemption: Optional[PreemptionFlag] = None
         self._watchdog: Optional[StartupWatchdog] = None
         self._plan: Optional[checkpoint.ResumePlan] = None
+        self.guide: Optional[SelfGuidedSchedule] = None  # self-guided alpha and the guide's removal
         self._restored = restored
 
     # -- what a checkpoint carries besides DeepSpeed's state and the RNG ---------------------
@@ -158,8 +160,9 @@ class Trainer:
         with watchdog.phase("checkpoint discovery"):
             dist.barrier()
             plan = checkpoint.resume_plan(cfg, layout, cfg.train.run_dir)
+        guide = SelfGuidedSchedule(cfg, layout)  # structured kinds: the guide exists until its step
         with watchdog.phase("engine build"):
-            engine = Engine(cfg, layout, initial_weights=plan.weights if plan else None)
+            engine = Engine(guide.engine_config(plan), layout, initial_weights=plan.weights if plan else None)
         with watchdog.phase("dataset build"):
             train_ds, valid_ds, _ = build_datasets(cfg, samples_needed(cfg))
         with watchdog.phase("checkpoint load"):
@@ -168,7 +171,7 @@ class Trainer:
         batches = TrainBatches(train_ds, t.global_batch_size, t.micro_batch_size, layout.data_rank, layout.data,
                                consumed_samples=restored.consumed_samples if restored else 0)
         trainer = cls(cfg, layout, engine, batches, valid_ds, restored, callbacks)
-        trainer.preemption, trainer._watchdog, trainer._plan = preemption, watchdog, plan
+        trainer.preemption, trainer._watchdog, trainer._plan, trainer.guide = preemption, watchdog, plan, guide
         return trainer
 
     def _announce(self) -> None:
@@ -211,6 +214,8 @@ class Trainer:
         """One step and everything due after it; an exit status when the run must stop."""
         for cb in self.callbacks:
             cb.on_step_begin(self)
+        if self.guide is not None:  # self-guided alpha; a new engine at the step the guide goes
+            self.engine = self.guide.on_step(self.engine, self.step)
         result = self.engine.train_batch(self.batches.next())
         self.step += 1
         # The one per-step host decision: both flags in one all-reduce (a bad step anywhere, a
