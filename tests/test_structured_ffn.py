@@ -118,3 +118,49 @@ def test_tensor_parallel_matches_reference(world, sequence_parallel):
             for name, g in grads.items():
                 assert g.abs().sum() > 0, f"{name} got no gradient ({where})"
                 torch.testing.assert_close(g, grads_ref[name], rtol=1e-5, atol=1e-5, msg=f"grad {name}, {where}")
+
+
+@pytest.mark.parametrize("structure", ["lowrank", "blockdense", "blockshuffle"])
+@pytest.mark.parametrize("share", [0.63, 0.32])
+def test_sizes_reach_the_requested_parameter_share(structure, share):
+    """The paper's sizing: the factors of fc1 + fc2 hold about `share` of the dense FFN's weights
+    (ranks rounded to multiples of 8, block counts to integers), counted from the shapes built."""
+    from afb_scale.model.structured import factor_shapes, resolve_size
+
+    d, f = 768, 3072
+    size = resolve_size(structure, d, f, gated=False, share=share)
+    built = sum(math.prod(s) for n, m in ((d, f), (f, d))
+                for s in factor_shapes(structure, n, m, size.rank, size.blocks))
+    assert built == size.params and size.dense_params == 2 * d * f
+    tolerance = 0.08 if structure == "blockshuffle" else 0.02  # block counts are integers
+    assert abs(size.share - share) <= tolerance, (structure, share, size)
+
+
+def test_lowrank_init_is_the_svd_split_of_a_gaussian():
+    """LowRank starts as (U sqrt(S), sqrt(S) Vh) of a dense Gaussian's SVD: the factors' product
+    is that Gaussian's best rank-r approximation, and both factors carry sqrt(S)."""
+    from afb_scale.model.structured import init_factors
+
+    torch.manual_seed(3)
+    first, second = init_factors("lowrank", 64, 48, 16, 1, std=0.02)
+    torch.manual_seed(3)
+    dense = (torch.randn(48, 64, dtype=torch.float64) * 0.02)
+    u, s, vh = torch.linalg.svd(dense, full_matrices=False)
+    best = (u[:, :16] * s[:16]) @ vh[:16]
+    torch.testing.assert_close((second @ first).double(), best, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(first.double().norm(dim=1), s[:16].sqrt(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(second.double().norm(dim=0), s[:16].sqrt(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("structure", ["blockdense", "blockshuffle"])
+def test_block_factors_start_orthonormal(structure):
+    from afb_scale.model.structured import init_factors
+
+    first, second = init_factors(structure, 64, 128, 32, 4, std=0.02)
+    for block in first:  # each block has orthonormal rows or columns, whichever are fewer
+        gram = block @ block.t() if block.shape[0] <= block.shape[1] else block.t() @ block
+        torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-5, rtol=0)
+    mats = [second] if second.dim() == 2 else list(second)
+    for mat in mats:
+        gram = mat @ mat.t() if mat.shape[0] <= mat.shape[1] else mat.t() @ mat
+        torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-5, rtol=0)
