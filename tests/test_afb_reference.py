@@ -59,7 +59,9 @@ def test_reference_stats_at_init():
     [
         (dict(ffn_hidden_size=100), 3, "model.ffn_hidden_size=100 must be divisible by parallel.tensor=3"),
         (dict(feedback_rank=0), 1, "model.feedback_rank=0 must be >= 1"),
-        (dict(ffn_kind="relu"), 1, "model.ffn_kind='relu' is not allowed; choose one of gelu, swiglu, afb-gelu, afb-swiglu"),
+        (dict(ffn_kind="relu"), 1, "model.ffn_kind='relu' is not allowed; choose one of gelu, swiglu, afb-gelu, "
+                                   "afb-swiglu, lowrank-gelu, lowrank-swiglu, blockdense-gelu, blockdense-swiglu, "
+                                   "blockshuffle-gelu, blockshuffle-swiglu"),
         (dict(num_attention_heads=6, hidden_size=96), 4, "model.num_attention_heads=6 must be divisible by parallel.tensor=4"),
     ],
 )
