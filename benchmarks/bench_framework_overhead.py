@@ -8,7 +8,9 @@ alternation (afb, bare, afb, bare, ...):
   schedule, gradient clipping, non-finite and preemption checks, metrics.jsonl, TensorBoard,
   stdout progress, a checkpoint at the end -- everything a run does).
 - bare: this file as a torchrun worker: megatron-core's parallel_state, the GPTModel,
-  torch.optim.AdamW, forward / backward / step, the loss read back every log interval.
+  torch.optim.AdamW, forward / backward / gradient clipping to train.clip_grad / step / LR
+  schedule (the same training math; clipping's norm is local here, not summed over TP), the
+  loss read back every log interval.
 
 Throughput is the median of the logged windows' tokens/s (10 steps each, the first window --
 compilation and warm-up -- dropped) per run, then the median over the reps. Default shapes are the
@@ -99,6 +101,7 @@ def bare_worker(override_args: list[str]) -> None:
     from afb_scale.config import load_config
     from afb_scale.data.datasets import build_datasets, samples_needed
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+    from afb_scale.training.engine import lr_at
 
     megatron_compat.apply()
     cfg = load_config(str(REPO / "configs/quickstart.yaml"), override_args)
@@ -107,6 +110,7 @@ def bare_worker(override_args: list[str]) -> None:
     torch.manual_seed(cfg.train.seed)
     model = build_gpt_model(cfg.model, cfg.parallel, "fp32", cfg.train.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
     train_ds, _, _ = build_datasets(cfg, samples_needed(cfg))
     mask = causal_attention_mask(cfg.model.seq_length)
     mb = cfg.train.micro_batch_size
@@ -120,7 +124,9 @@ def bare_worker(override_args: list[str]) -> None:
         losses = vocab_parallel_cross_entropy(logits.float(), labels)
         loss = (losses * loss_mask).sum() / loss_mask.sum()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         if step % LOG_INTERVAL == 0:
             value = loss.item()
