@@ -1,0 +1,102 @@
+"""Running a study: one run after another on this machine, or one Slurm array job.
+
+Local runs are resumable: a run whose directory shows it finished (its last training step is
+the configured one) or stopped on non-finite losses (the trainer's exit 3: a diverged run, which
+is a result, not a failure) is skipped; any other run is started with the same command, and the
+trainer resumes it from its newest complete checkpoint. Progress lines give runs done/left and an
+ETA from the work done so far this session (steps x tokens x FLOPs/token, so a large run counts
+for more than a small one).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from afb_scale.studies.collect import run_state
+from afb_scale.studies.spec import Study, StudyRun, validate_runs, write_study_files
+
+STATUS_FILE = "study_status.json"
+EXIT_NON_FINITE = 3  # afb_scale.train.EXIT_NON_FINITE (not imported: that pulls in the training stack)
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train_command(run: StudyRun, nproc: int) -> list[str]:
+    if nproc == 1:  # a world of one needs no launcher (afb-scale train sets it up itself)
+        return [sys.executable, "-m", "afb_scale.cli", "train", *run.train_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "afb_scale.cli", "train", *run.train_args]
+
+
+def _work(run: StudyRun) -> float:
+    return run.meta["tokens"] * run.meta["flops_per_token"]
+
+
+def run_locally(study: Study, out=sys.stdout) -> int:
+    """Run every run not yet finished, in order; 0 when all are finished (diverged ones included)."""
+    validate_runs(study, study.nproc)
+    write_study_files(study)
+    runs = study.runs
+    states = {r.name: run_state(r.run_dir) for r in runs}
+    finished = sum(s in ("done", "diverged") for s in states.values())
+    print(f"[study {study.kind}] {len(runs)} runs under {study.run_root}: {finished} finished, "
+          f"{len(runs) - finished} to run", file=out, flush=True)
+    start = time.monotonic()
+    work_done = 0.0
+    work_left = sum(_work(r) for r in runs if states[r.name] not in ("done", "diverged"))
+    done = finished
+    for i, run in enumerate(runs, 1):
+        if states[run.name] in ("done", "diverged"):
+            continue
+        cmd = train_command(run, study.nproc)
+        verb = "resuming" if states[run.name] == "partial" else "starting"
+        print(f"[study {study.kind}] {verb} {i}/{len(runs)} {run.name}", file=out, flush=True)
+        log = Path(run.run_dir) / "train.log"
+        t0 = time.monotonic()
+        with open(log, "a") as f:
+            f.write(f"$ {shlex.join(cmd)}\n")
+            f.flush()
+            status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        wall = time.monotonic() - t0
+        if status not in (0, EXIT_NON_FINITE):
+            tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+            print(f"{tail}[study {study.kind}] {run.name} exited with {status} (log {log}); stopping. "
+                  "Run the same command again to resume.", file=sys.stderr, flush=True)
+            return status
+        Path(run.run_dir, STATUS_FILE).write_text(json.dumps({"exit": status, "wall_s": round(wall, 1)}))
+        done += 1
+        work_done += _work(run)
+        work_left -= _work(run)
+        elapsed = time.monotonic() - start
+        eta = elapsed / work_done * max(work_left, 0.0) if work_done else 0.0
+        note = " (stopped: non-finite loss, counted as diverged)" if status == EXIT_NON_FINITE else ""
+        print(f"[study {study.kind}] {run.name} finished in {wall:.0f} s{note} | {done}/{len(runs)} done, "
+              f"{len(runs) - done} left | elapsed {_fmt_s(elapsed)} | ETA {_fmt_s(eta)}", file=out, flush=True)
+    return 0
+
+
+def submit_array(study: Study, cluster_config: str, dry_run: bool, extra: list[str] = ()) -> int:
+    """One Slurm array job, a task per run, rendered by afb-scale submit (afb_scale/submit.py).
+
+    Each task's overrides carry its own train.run_dir (append_run_dir=false), so the array's run
+    directories are the study's, a requeued or retried task resumes its own run, and
+    `afb-scale study report RUN_ROOT` reads them as it reads local ones."""
+    from afb_scale import submit
+
+    job = submit.load_job(cluster_config, list(extra))
+    validate_runs(study, job.nodes * submit.nproc_per_node(job))
+    argv = [cluster_config, *extra, "append_run_dir=false",
+            "sweep=" + json.dumps([r.overrides for r in study.runs]),
+            "command=" + json.dumps(["afb-scale", "train", "--config", study.runs[0].config])]
+    if dry_run:
+        return submit.main(argv + ["--dry-run"])
+    write_study_files(study)  # the report's metadata, before any task starts
+    return submit.main(argv)
