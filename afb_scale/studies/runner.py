@@ -11,6 +11,7 @@ for more than a small one).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -60,11 +61,14 @@ def run_locally(study: Study, out=sys.stdout) -> int:
         verb = "resuming" if states[run.name] == "partial" else "starting"
         print(f"[study {study.kind}] {verb} {i}/{len(runs)} {run.name}", file=out, flush=True)
         log = Path(run.run_dir) / "train.log"
+        env = dict(os.environ)
+        if study.threads:  # torch's intra-op pool; on a shared machine 2 threads can be far slower than 1
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(study.threads)
         t0 = time.monotonic()
         with open(log, "a") as f:
-            f.write(f"$ {shlex.join(cmd)}\n")
+            f.write(f"$ {'OMP_NUM_THREADS=' + str(study.threads) + ' ' if study.threads else ''}{shlex.join(cmd)}\n")
             f.flush()
-            status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            status = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
         wall = time.monotonic() - t0
         if status not in (0, EXIT_NON_FINITE):
             tail = "".join(log.read_text().splitlines(keepends=True)[-15:])

@@ -9,8 +9,10 @@ A study file (configs/studies/*.yaml) names the question and the grid that answe
     kinds: [gelu, swiglu, afb-gelu, afb-swiglu]
     seeds: [1, 2, 3]                 # train.seed: initialisation and data order
     nproc: 1                         # processes per run with --run (torchrun when > 1)
-    # stability:  lr_multipliers: [1, 4, 10]      (x the base config's train.lr)
-    # lr-sweep:   lrs: {start: 3.0e-4, stop: 3.0e-1, count: 7}   (log-spaced) or a list
+    threads: 1                       # with --run: OMP_NUM_THREADS of each run (default: torch's)
+    # stability:  lr_multipliers: [1, 4, 10]      (x the base config's train.lr and train.min_lr)
+    # lr-sweep:   lrs: {start: 3.0e-4, stop: 3.0e-1, count: 7}   (log-spaced) or a list;
+    #             train.min_lr = lr / 10 (the GPT-3 presets' ratio)
     # scaling:    sizes: {NAME: size YAML (relative) or a list of overrides, ...}
     #             tokens_per_parameter: 20, count_embeddings: true, extrapolate_to: [1.3e9]
     # every study: divergence_margin: 1.0   (nats; see collect.py's definition of diverged)
@@ -33,7 +35,7 @@ import yaml
 from afb_scale.config import FFN_KINDS, ConfigError, load_config, validate
 
 STUDIES = ("stability", "lr-sweep", "scaling")
-COMMON_KEYS = {"study", "base", "run_root", "overrides", "kinds", "seeds", "nproc", "divergence_margin"}
+COMMON_KEYS = {"study", "base", "run_root", "overrides", "kinds", "seeds", "nproc", "threads", "divergence_margin"}
 STUDY_KEYS = {
     "stability": {"lr_multipliers"},
     "lr-sweep": {"lrs"},
@@ -70,6 +72,10 @@ class Study:
     @property
     def nproc(self) -> int:
         return int(self.spec.get("nproc", 1))
+
+    @property
+    def threads(self) -> int | None:
+        return self.spec.get("threads")
 
 
 def log_spaced(start: float, stop: float, count: int) -> list[float]:
@@ -149,6 +155,9 @@ def load_study(study_path: str | os.PathLike) -> Study:
         raise ConfigError(f"study file {str(path)!r}: seeds must be distinct non-negative integers, not {seeds!r}")
     if not isinstance(spec.get("nproc", 1), int) or spec.get("nproc", 1) < 1:
         raise ConfigError(f"study file {str(path)!r}: nproc={spec.get('nproc')!r} must be an integer >= 1")
+    threads = spec.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"study file {str(path)!r}: threads={threads!r} must be an integer >= 1")
     base = (path.parent / spec["base"]).resolve()
     if not base.is_file():
         raise ConfigError(f"study file {str(path)!r}: base config {str(base)!r} does not exist")
@@ -172,7 +181,7 @@ def load_study(study_path: str | os.PathLike) -> Study:
         m = cfg.model
         params = cost.parameter_count(m)
         tokens_per_step = cfg.train.global_batch_size * m.seq_length
-        meta = {"study": kind, "name": name, **meta, "lr": cfg.train.lr, "seed": cfg.train.seed,
+        meta = {"study": kind, "name": name, **meta, "threads": threads, "lr": cfg.train.lr, "seed": cfg.train.seed,
                 "params": params, "non_embedding_params": non_embedding(m, params),
                 "flops_per_token": cost.flops_per_token(m), "steps": cfg.train.steps,
                 "tokens": cfg.train.steps * tokens_per_step}
@@ -180,12 +189,14 @@ def load_study(study_path: str | os.PathLike) -> Study:
 
     if kind == "stability":
         mults = _need_list(spec, "lr_multipliers", path)
-        nominal = load_config(base_arg, common).train.lr
-        for k in kinds:
-            for mult in mults:
-                for s in seeds:
+        nominal_cfg = load_config(base_arg, common).train
+        nominal, nominal_min = nominal_cfg.lr, nominal_cfg.min_lr
+        for s in seeds:  # seed by seed: a study stopped part-way has every cell, at fewer seeds
+            for k in kinds:
+                for mult in mults:
                     add(f"{k}_lr{mult:g}x_seed{s}",
-                        [f"model.ffn_kind={k}", f"train.lr={nominal * mult:.6g}", f"train.seed={s}"],
+                        [f"model.ffn_kind={k}", f"train.lr={nominal * mult:.6g}", f"train.seed={s}",
+                         f"train.min_lr={nominal_min * mult:.6g}"],  # the whole schedule scaled
                         {"kind": k, "lr_multiplier": float(mult), "nominal_lr": nominal})
     elif kind == "lr-sweep":
         lrs = spec.get("lrs")
@@ -194,9 +205,9 @@ def load_study(study_path: str | os.PathLike) -> Study:
                 raise ConfigError(f"study file {str(path)!r}: lrs needs start, stop and count, not {sorted(lrs)}")
             lrs = log_spaced(float(lrs["start"]), float(lrs["stop"]), int(lrs["count"]))
         lrs = _need_list({"lrs": lrs}, "lrs", path)
-        for k in kinds:
-            for lr in lrs:
-                for s in seeds:
+        for s in seeds:
+            for k in kinds:
+                for lr in lrs:
                     add(f"{k}_lr{_lr_slug(float(lr))}_seed{s}",
                         [f"model.ffn_kind={k}", f"train.lr={float(lr):.6g}", f"train.seed={s}",
                          f"train.min_lr={float(lr) / 10:.6g}"],
@@ -207,6 +218,7 @@ def load_study(study_path: str | os.PathLike) -> Study:
             raise ConfigError(f"study file {str(path)!r}: sizes must be a mapping NAME: size YAML or overrides")
         ratio = float(spec.get("tokens_per_parameter", 20))
         with_emb = bool(spec.get("count_embeddings", True))
+        planned = []
         for size, entry in sizes.items():
             size_ov = _size_overrides(size, entry, path.parent)
             for k in kinds:
@@ -221,14 +233,16 @@ def load_study(study_path: str | os.PathLike) -> Study:
                 steps = max(1, math.ceil(ratio * n / tokens_per_step))
                 warmup = min(probe.train.warmup_steps, max(1, steps // 10))
                 evals = max(1, steps // 4)
-                for s in seeds:
-                    add(f"{size}_{k}_seed{s}",
-                        size_ov + [f"model.ffn_kind={k}", f"train.seed={s}", f"train.steps={steps}",
-                                   f"train.warmup_steps={warmup}", f"train.eval_interval={evals}",
-                                   f"train.save_interval={max(evals, probe.train.save_interval if steps > 2000 else evals)}",
-                                   f"metrics.layer_metrics_interval={evals}"],
-                        {"kind": k, "size": size, "fit_params": n, "tokens_per_parameter": ratio,
-                         "count_embeddings": with_emb})
+                planned.append((size, k, size_ov + [
+                    f"model.ffn_kind={k}", f"train.steps={steps}", f"train.warmup_steps={warmup}",
+                    f"train.eval_interval={evals}",
+                    f"train.save_interval={max(evals, probe.train.save_interval if steps > 2000 else evals)}",
+                    f"metrics.layer_metrics_interval={evals}"],
+                    {"kind": k, "size": size, "fit_params": n, "tokens_per_parameter": ratio,
+                     "count_embeddings": with_emb}))
+        for s in seeds:  # seed by seed, sizes in the file's order (small first: a partial study can fit)
+            for size, k, ov, meta in planned:
+                add(f"{size}_{k}_seed{s}", ov + [f"train.seed={s}"], meta)
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"study file {str(path)!r}: two runs share a name; make kinds/seeds/LRs/sizes distinct")

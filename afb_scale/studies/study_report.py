@@ -27,13 +27,13 @@ cannot be wider than the seeds' range and is a rough guide, not a test. `n` is t
 with a finite value. Definitions: validation loss / token accuracy at the last evaluation (best:
 the lowest over evaluations); grad-norm variance and CV (std/mean) over all finite steps after
 warm-up; loss spikes: steps whose loss exceeds the run's `metrics.loss_spike_factor` x the trailing
-median (the trainer's own tracker replayed over metrics.jsonl); max grad norm: after warm-up, as logged
-(`train/grad_norm`); activation drift: mean over probe evaluations and AFB layers of
-||m_t - m_prev|| / ||m_prev|| (m: the probe batch's mean activation); gate entropy: mean over AFB
-layers at the last probe (1 = every gate at its initial value, 0 = saturated). A run is
-**diverged** if it stopped on non-finite losses (exit 3), logged any non-finite loss or gradient
-norm, ended with a validation loss above its step-0 value, or ended more than
-`divergence_margin` nats above its own best validation loss.
+median (the trainer's own tracker replayed over metrics.jsonl); max grad norm: after warm-up, as
+logged (`train/grad_norm`, the global norm before clipping); activation drift: mean over probe
+evaluations and AFB layers of ||m_t - m_prev|| / ||m_prev|| (m: the probe batch's mean
+activation); gate entropy: mean over AFB layers at the last probe (1 = every gate at its initial
+value, 0 = saturated). A run is **diverged** if it stopped on non-finite losses (exit 3), logged
+any non-finite loss or gradient norm, ended with a validation loss above its step-0 value, or
+ended more than `divergence_margin` nats (default 1.0) above its own best validation loss.
 """
 
 
