@@ -38,6 +38,15 @@ def test_bootstrap_mean_interval():
     assert stats.bootstrap_mean([]).fmt() == "-" and stats.bootstrap_mean([4.0]).fmt() == "4"
 
 
+def test_eta_fits_startup_plus_work():
+    from afb_scale.studies.runner import eta_seconds
+
+    # 10 s start-up + 2 s per unit of work, recovered from two runs and applied to the rest.
+    assert eta_seconds([(1.0, 12.0), (5.0, 20.0)], [10.0, 0.5]) == pytest.approx(30.0 + 11.0)
+    assert eta_seconds([(2.0, 8.0)], [1.0, 3.0]) == pytest.approx(16.0)  # one run: proportional
+    assert eta_seconds([], [1.0]) == 0.0
+
+
 def test_paired_difference_uses_matching_seeds():
     base = {1: 3.0, 2: 4.0, 3: 5.0, 4: 9.0}
     afb = {1: 2.5, 2: 3.5, 3: 4.5}  # seed 4 has no partner: left out

@@ -4,8 +4,8 @@ Local runs are resumable: a run whose directory shows it finished (its last trai
 the configured one) or stopped on non-finite losses (the trainer's exit 3: a diverged run, which
 is a result, not a failure) is skipped; any other run is started with the same command, and the
 trainer resumes it from its newest complete checkpoint. Progress lines give runs done/left and an
-ETA from the work done so far this session (steps x tokens x FLOPs/token, so a large run counts
-for more than a small one).
+ETA from this session's runs: their wall time fitted as start-up + seconds x work (tokens x
+FLOPs/token), so a large run counts for more than a small one.
 """
 
 from __future__ import annotations
@@ -41,6 +41,26 @@ def _work(run: StudyRun) -> float:
     return run.meta["tokens"] * run.meta["flops_per_token"]
 
 
+def eta_seconds(history: list[tuple[float, float]], left: list[float]) -> float:
+    """Seconds for the runs left (their work), from this session's (work, wall seconds) so far.
+
+    wall = a + b x work, fitted by least squares (a: start-up, the same for every run; b: seconds
+    per unit of work), so neither a study of many small runs nor one of a few large ones is
+    misjudged; with one run, or runs of equal work, wall is taken as proportional to work."""
+    if not history:
+        return 0.0
+    works = [w for w, _ in history]
+    walls = [t for _, t in history]
+    n = len(history)
+    mw, mt = sum(works) / n, sum(walls) / n
+    var = sum((w - mw) ** 2 for w in works)
+    if n >= 2 and var > 0:
+        b = max(sum((w - mw) * (t - mt) for w, t in history) / var, 0.0)
+        a = max(mt - b * mw, 0.0)
+        return sum(a + b * w for w in left)
+    return mt / mw * sum(left) if mw else mt * len(left)
+
+
 def run_locally(study: Study, out=sys.stdout) -> int:
     """Run every run not yet finished, in order; 0 when all are finished (diverged ones included)."""
     validate_runs(study, study.nproc)
@@ -51,8 +71,8 @@ def run_locally(study: Study, out=sys.stdout) -> int:
     print(f"[study {study.kind}] {len(runs)} runs under {study.run_root}: {finished} finished, "
           f"{len(runs) - finished} to run", file=out, flush=True)
     start = time.monotonic()
-    work_done = 0.0
-    work_left = sum(_work(r) for r in runs if states[r.name] not in ("done", "diverged"))
+    history: list[tuple[float, float]] = []
+    left = {r.name: _work(r) for r in runs if states[r.name] not in ("done", "diverged")}
     done = finished
     for i, run in enumerate(runs, 1):
         if states[run.name] in ("done", "diverged"):
@@ -77,10 +97,9 @@ def run_locally(study: Study, out=sys.stdout) -> int:
             return status
         Path(run.run_dir, STATUS_FILE).write_text(json.dumps({"exit": status, "wall_s": round(wall, 1)}))
         done += 1
-        work_done += _work(run)
-        work_left -= _work(run)
+        history.append((left.pop(run.name), wall))
         elapsed = time.monotonic() - start
-        eta = elapsed / work_done * max(work_left, 0.0) if work_done else 0.0
+        eta = eta_seconds(history, list(left.values()))
         note = " (stopped: non-finite loss, counted as diverged)" if status == EXIT_NON_FINITE else ""
         print(f"[study {study.kind}] {run.name} finished in {wall:.0f} s{note} | {done}/{len(runs)} done, "
               f"{len(runs) - done} left | elapsed {_fmt_s(elapsed)} | ETA {_fmt_s(eta)}", file=out, flush=True)

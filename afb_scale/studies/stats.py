@@ -57,7 +57,7 @@ def paired_difference(a: dict, b: dict, **kw) -> Interval:
 def lr_sensitivity(losses_by_lr: dict[float, float], initial_loss: float) -> float:
     """Wortsman et al. (2023): mean over the LRs of [min(L(lr), L0) - L*], L* = min over LRs.
 
-    A diverged or missing (non-finite) L(lr) counts as L0."""
+    A diverged (None or non-finite) L(lr) counts as L0."""
     capped = [min(v, initial_loss) if v is not None and math.isfinite(v) else initial_loss
               for v in losses_by_lr.values()]
     best = min(capped)
@@ -74,17 +74,18 @@ def lr_sensitivity_interval(losses: dict[float, dict[int, float]], initial: dict
     def value(draw: list[int]) -> float:
         curve = {}
         for lr, by_seed in losses.items():
-            vals = [by_seed.get(s) for s in draw]
-            l0 = float(np.mean([initial[s] for s in draw]))
-            vals = [min(v, initial[s]) if v is not None and math.isfinite(v) else initial[s] for v, s in zip(vals, draw)]
-            curve[lr] = float(np.mean(vals)) if vals else l0
-        return lr_sensitivity(curve, float(np.mean([initial[s] for s in draw])))
+            here = [s for s in draw if s in by_seed]  # seeds not (yet) run at this LR are left out
+            if here:
+                curve[lr] = float(np.mean([min(by_seed[s], initial[s]) if by_seed[s] is not None
+                                           and math.isfinite(by_seed[s]) else initial[s] for s in here]))
+        return lr_sensitivity(curve, float(np.mean([initial[s] for s in draw]))) if curve else math.nan
 
     point = value(seeds)
     if len(seeds) < 2:
         return Interval(point, point, point, len(seeds))
     rng = np.random.default_rng(seed)
     reps = [value([seeds[i] for i in rng.integers(0, len(seeds), len(seeds))]) for _ in range(n_boot)]
+    reps = [r for r in reps if math.isfinite(r)]
     a = (1 - level) / 2
     return Interval(point, float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a)), len(seeds))
 

@@ -209,6 +209,7 @@ def _lr_sweep(spec: dict, runs: list[dict], out: Path) -> str:
         # a diverged run's loss is its initial loss (min(L, L0) caps it there anyway)
         losses = {lr: {r["seed"]: (r["initial_val_loss"] if r["diverged"] else r["final_val_loss"])
                        for r in rs if r["lr"] == lr} for lr in lrs}
+        losses = {lr: by for lr, by in losses.items() if by}  # an LR not yet run is not a diverged one
         sens = stats.lr_sensitivity_interval(losses, initial)
         curve = {lr: np.mean([min(v, initial[s]) for s, v in by.items() if v is not None and s in initial])
                  for lr, by in losses.items() if by}
