@@ -264,8 +264,11 @@ def _scaling(spec: dict, runs: list[dict], out: Path) -> str:
     size_rows, fit_rows, extra_rows = [], [], []
     fig_n, ax_n = plt.subplots(figsize=(5.6, 4.0))
     fig_c, ax_c = plt.subplots(figsize=(5.6, 4.0))
+    base_fpt = {(r["size"], r["kind"]): r["flops_per_token"] for r in runs}
     for k in kinds:
-        rs = [r for r in runs if r["kind"] == k and not r["diverged"] and r["final_val_loss"] is not None]
+        # finished, not diverged: a partial run's loss is not the loss of its token budget
+        rs = [r for r in runs if r["kind"] == k and r["state"] == "done" and not r["diverged"]
+              and r["final_val_loss"] is not None]
         by_size = defaultdict(list)
         for r in rs:
             by_size[r["size"]].append(r)
@@ -275,8 +278,10 @@ def _scaling(spec: dict, runs: list[dict], out: Path) -> str:
             c = float(group[0]["flops_per_token"] * group[0]["tokens"])
             losses = [g["final_val_loss"] for g in group]
             pts_n[n], pts_c[c] = losses, losses
+            base = base_fpt.get((size, BASE_OF.get(k, k)))
             size_rows.append([size, k, f"{n:.3g}", f"{group[0]['params']:.3g}", f"{group[0]['tokens']:.3g}",
-                              f"{c:.3g}", str(len(group)), stats.bootstrap_mean(losses).fmt()])
+                              f"{c:.3g}", f"{group[0]['flops_per_token'] / base:.3f}" if base else "-",
+                              str(len(group)), stats.bootstrap_mean(losses).fmt()])
         color = KIND_COLORS.get(k)
         for ax, pts in ((ax_n, pts_n), (ax_c, pts_c)):
             xs = sorted(pts)
@@ -310,10 +315,11 @@ def _scaling(spec: dict, runs: list[dict], out: Path) -> str:
     text = (f"Sizes {', '.join(sorted({r['size'] for r in runs}, key=lambda s: min(r['fit_params'] for r in runs if r['size'] == s)))}"
             f" x kinds {', '.join(kinds)} x seeds {sorted({r['seed'] for r in runs})}; each run trains on "
             f"{ratio:g} tokens per parameter (N counts {convention}). C = training FLOPs per token "
-            "(afb_scale/cost.py: matmuls, forward x 3) x tokens. Diverged runs are left out of the fits.\n\n"
+            "(afb_scale/cost.py: matmuls, forward x 3) x tokens; FLOPs/token vs base: an AFB kind's against "
+            "its base at the same size. Only finished, non-diverged runs enter the table and the fits.\n\n"
             "### Runs per size\n\n"
-            + _table(["size", "kind", "N", "all params", "tokens", "C (FLOPs)", "runs", "final val loss [95% CI]"],
-                     size_rows)
+            + _table(["size", "kind", "N", "all params", "tokens", "C (FLOPs)", "FLOPs/token vs base", "runs",
+                      "final val loss [95% CI]"], size_rows)
             + "\n\n### Fits L = E + A x^-alpha (least squares on the seed means; intervals: bootstrap)\n\n"
             + _table(["kind", "fit", "E [95% CI]", "A", "alpha [95% CI]", "interval method"], fit_rows))
     if extra_rows:
