@@ -341,11 +341,17 @@ def write_study_report(root: str | Path, out_dir: str | Path | None = None) -> P
         raise ConfigError(f"{root / STUDY_COPY}: study={kind!r} is not one of {', '.join(WRITERS)}")
     out = Path(out_dir) if out_dir else root / "report"
     out.mkdir(parents=True, exist_ok=True)
-    body = WRITERS[kind](spec, runs, out)
-    incomplete = [r["name"] for r in runs if r["state"] in ("new", "partial")]
-    warn = (f"\n**Incomplete:** {len(incomplete)} run(s) not finished ({', '.join(incomplete[:6])}"
-            f"{', ...' if len(incomplete) > 6 else ''}); their numbers are from where they stopped.\n"
-            if incomplete else "")
+    finished = [r for r in runs if r["state"] in ("done", "diverged")]
+    if not finished:
+        raise ConfigError(f"{str(root)!r} has no finished runs yet")
+    body = WRITERS[kind](spec, finished, out)  # a partial run's loss is not the loss of its budget
+    incomplete = [r["name"] for r in runs if r["state"] not in ("done", "diverged")]
+    planned = len(collect.find_runs(root, started_only=False))
+    warn = (f"\n**Incomplete:** {planned - len(finished)} of {planned} runs not finished"
+            + (f" ({len(incomplete)} started: {', '.join(incomplete[:6])}{', ...' if len(incomplete) > 6 else ''})"
+               if incomplete else "")
+            + "; the tables and plots use the finished runs only. Run the study's command again to continue.\n"
+            if planned > len(finished) else "")
     text = (f"# {kind} study: {root.name}\n\nStudy file: `{spec.get('study_file', '?')}`; run root `{root}`; "
             f"{len(runs)} runs ({_states(runs)}). Regenerate with `afb-scale study report {root}`.\n{warn}\n"
             f"{body}\n\n{DEFINITIONS}")
