@@ -11,6 +11,8 @@
     afb-scale lm-eval --model afb_scale --model_args path=SOURCE ...   lm-evaluation-harness
     afb-scale sweep --sweep configs/studies/X.yaml [--run | --submit CLUSTER_YAML]
     afb-scale report RUN_DIR... --out DIR                         table + PNG plots
+    afb-scale study stability|lr-sweep|scaling STUDY_YAML [--run | --submit CLUSTER_YAML [--dry-run]]
+    afb-scale study report RUN_ROOT [--out DIR]                   the study's report from its run directories
 
 Bad input ends with one line on stderr, `error: ...`, and exit status 2, before any process
 group starts.
@@ -125,6 +127,12 @@ def cmd_report(args) -> int:
     print(path.read_text())
     print(f"written: {path} (+ PNG plots beside it)")
     return 0
+
+
+def cmd_study(args) -> int:
+    from afb_scale.studies.cli import run_study_command
+
+    return run_study_command(args)
 
 
 def cmd_export(args) -> int:
@@ -250,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("study", help="stability / lr-sweep / scaling studies: expand, --run here, --submit "
+                       "as a Slurm array job, or `study report RUN_ROOT`")
+    from afb_scale.studies.cli import add_arguments as study_arguments
+
+    study_arguments(p)
+    p.set_defaults(func=cmd_study)
     p = sub.add_parser("selftest", help="train a few steps on every device path (fp32/bf16/fp16, "
                        "checkpointing, resume, export) and print a table")
     from afb_scale.selftest import add_arguments as selftest_arguments
