@@ -40,10 +40,10 @@ def test_training_position_moves_the_lr_schedule():
     opt = torch.optim.SGD([p], lr=1.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
 
-    class FakeEngineState:  # only the two counters set_training_position writes
+    class Counters:  # the two DeepSpeedEngine attributes set_training_position writes
         global_steps = global_samples = 0
 
-    eng = FakeEngineState()
+    eng = Counters()
     ds_compat.set_training_position(eng, sched, step=4, consumed_samples=32)
     assert (eng.global_steps, eng.global_samples) == (4, 32)
     assert opt.param_groups[0]["lr"] == pytest.approx(1.0 / 5)
