@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from reference_cases import reference_step
 
 D, F_HIDDEN, R, SEQ, BATCH = 16, 32, 8, 8, 3
 
@@ -27,12 +28,7 @@ def _reference(base, seed=0):
         if ref.b1 is not None:
             ref.b1.normal_(0, 0.1)
             ref.b2.normal_(0, 0.1)
-    x = torch.randn(SEQ, BATCH, D, requires_grad=True)
-    probe = torch.randn(SEQ, BATCH, D)
-    (ref(x) * probe).sum().backward()
-    grads = {n: p.grad for n, p in ref.named_parameters()}
-    state = {n: p.detach() for n, p in ref.named_parameters()}
-    return state, x.detach(), probe, ref(x).detach(), x.grad, grads
+    return reference_step(ref, SEQ, BATCH, D)
 
 
 def _tp_rank(rank, world, base, sequence_parallel, state, x, probe):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from multiproc import run_ranks
+from reference_cases import reference_step
 
 D, F_HIDDEN, RANK, BLOCKS, SEQ, BATCH, ALPHA = 16, 32, 8, 4, 8, 3, 0.3
 
@@ -36,12 +37,7 @@ def _reference(kind, guide, seed=0):
             p.add_(torch.randn_like(p) * 0.05)
     for lin in (ref.linear_fc1, ref.linear_fc2):
         lin.alpha = ALPHA if guide else 0.0
-    x = torch.randn(SEQ, BATCH, D, requires_grad=True)
-    probe = torch.randn(SEQ, BATCH, D)
-    (ref(x) * probe).sum().backward()
-    grads = {n: p.grad for n, p in ref.named_parameters()}
-    state = {n: p.detach() for n, p in ref.named_parameters()}
-    return state, x.detach(), probe, ref(x).detach(), x.grad, grads
+    return reference_step(ref, SEQ, BATCH, D)
 
 
 def _build_mlp(kind, world, sequence_parallel, guide):

@@ -77,26 +77,20 @@ def hf_scorer(model):
 
 def tensor_parallel_scorer(src):
     """The same, from megatron-core's GPTModel split over this torchrun job's ranks (TP = world)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from afb_scale import device
     from afb_scale.config import ParallelConfig, validate_model
     from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
     from afb_scale.model.lm_loss import vocab_parallel_correct
     from afb_scale.model.tp_layout import load_full_state
+    from afb_scale.parallel.groups import init_distributed
 
     world = int(os.environ["WORLD_SIZE"])
     validate_model(src.cfg.model, world)  # heads, ffn hidden and vocabulary divisible by TP
-    device.setup()
-    if not dist.is_initialized():
-        dist.init_process_group(device.backend())
-    parallel_state.initialize_model_parallel(world, 1)
-    device.seed_model_parallel_rng(src.cfg.train.seed)
+    layout = init_distributed(ParallelConfig(tensor=world), seed=src.cfg.train.seed)
     model = build_gpt_model(src.cfg.model, ParallelConfig(tensor=world), "fp32", src.cfg.train.seed).eval()
     with torch.no_grad():
-        load_full_state(model, src.state, parallel_state.get_tensor_model_parallel_rank(), world)
+        load_full_state(model, src.state, layout.tensor_rank, world)
 
     @torch.no_grad()
     def score(tokens: torch.Tensor, labels: torch.Tensor):

@@ -49,6 +49,8 @@ def init_distributed(parallel: ParallelConfig = ParallelConfig(), seed: int = 12
 def any_rank(device, *flags: bool) -> list[bool]:
     """For each flag, whether it is set on any rank: one all-reduce (and one host sync) for all
     of them, so the loop pays one round trip per step however many conditions it agrees on."""
+    if dist.get_world_size() == 1:  # nobody to agree with
+        return [bool(f) for f in flags]
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]

@@ -58,13 +58,5 @@ class ParallelLayout:
             groups=Groups(tensor=ps.get_tensor_model_parallel_group(), pipeline=ps.get_pipeline_model_parallel_group(),
                           data=ps.get_data_parallel_group(), model=ps.get_model_parallel_group()))
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pipeline_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pipeline_rank == self.pipeline - 1
-
     def describe(self) -> str:
         return f"TP={self.tensor} PP={self.pipeline} DP={self.data} ZeRO={self.zero_stage}"

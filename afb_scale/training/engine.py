@@ -209,10 +209,6 @@ class Engine:
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    @property
-    def is_last_stage(self) -> bool:
-        return self.layout.is_last_stage
-
     def _to_device(self, mb: dict) -> dict:
         return device.to_device(mb, self.device)
 
@@ -234,7 +230,8 @@ class Engine:
                 self.engine.step()
                 total += loss.detach().double()
             total /= len(micro_batches)
-            dist.all_reduce(total, group=self.layout.groups.data)
+            if self.layout.data > 1:  # the mean over data-parallel ranks
+                dist.all_reduce(total, group=self.layout.groups.data)
             loss = (total / self.layout.data).item()
         return StepResult(loss=loss, grad_norm=self.grad_norm(), lr=self.scheduler.get_last_lr()[0],
                           loss_scale=self.loss_scale(), applied=bool(self.engine.was_step_applied()))

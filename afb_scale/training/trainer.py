@@ -27,6 +27,7 @@ import contextlib
 import math
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -96,16 +97,27 @@ class NonFinitePolicy:
         return bool(self.run)
 
 
+@dataclass
+class Startup:
+    """What `Trainer.start` set up before the trainer exists."""
+
+    preemption: PreemptionFlag  # installed first: a signal during start-up must not kill the job
+    watchdog: StartupWatchdog  # its last phase is the first step
+    guide: SelfGuidedSchedule  # self-guided alpha and the guide's removal (a no-op for other kinds)
+    plan: Optional[checkpoint.ResumePlan]  # what the run resumes from (None: fresh)
+    restored: Optional[checkpoint.Restored]
+
+
 class Trainer:
     """One training run on this rank; build it with `Trainer.start`."""
 
     def __init__(self, cfg: Config, layout: ParallelLayout, engine: Engine, batches: TrainBatches,
-                 valid_ds, restored: Optional[checkpoint.Restored], callbacks: Sequence[Callback] = ()):
+                 valid_ds, startup: Startup, callbacks: Sequence[Callback] = ()):
         t = cfg.train
         self.cfg, self.layout, self.engine, self.batches = cfg, layout, engine, batches
-        self.callbacks = list(callbacks)
+        self.startup, self.callbacks = startup, list(callbacks)
         self.run_dir = Path(t.run_dir)
-        self.step = restored.step if restored else 0
+        self.step = startup.restored.step if startup.restored else 0
         self.valid_batches = [rank_micro_batches(valid_ds, i * t.global_batch_size, t.global_batch_size,
                                                  t.micro_batch_size, layout.data_rank, layout.data)
                               for i in range(t.eval_iters)]
@@ -122,13 +134,6 @@ class Trainer:
         self.last_saved = self.step
         self.first_val: Optional[float] = None
         self.val_loss: Optional[float] = None
-        # Set by start(): the signal flag (installed before anything else), the start-up
-        # watchdog (its last phase is the first step), and what was resumed from.
-        self.preemption: Optional[PreemptionFlag] = None
-        self._watchdog: Optional[StartupWatchdog] = None
-        self._plan: Optional[checkpoint.ResumePlan] = None
-        self.guide: Optional[SelfGuidedSchedule] = None  # self-guided alpha and the guide's removal
-        self._restored = restored
 
     # -- what a checkpoint carries besides DeepSpeed's state and the RNG ---------------------
 
@@ -170,12 +175,11 @@ class Trainer:
         t = cfg.train
         batches = TrainBatches(train_ds, t.global_batch_size, t.micro_batch_size, layout.data_rank, layout.data,
                                consumed_samples=restored.consumed_samples if restored else 0)
-        trainer = cls(cfg, layout, engine, batches, valid_ds, restored, callbacks)
-        trainer.preemption, trainer._watchdog, trainer._plan, trainer.guide = preemption, watchdog, plan, guide
-        return trainer
+        return cls(cfg, layout, engine, batches, valid_ds, Startup(preemption, watchdog, guide, plan, restored),
+                   callbacks)
 
     def _announce(self) -> None:
-        cfg, plan = self.cfg, self._plan
+        cfg, plan = self.cfg, self.startup.plan
         self.metrics.write({"event": "resume" if plan else "start", "step": self.step,
                             "consumed_samples": self.batches.consumed_samples,
                             **({"checkpoint": plan.dir.name} if plan else {})})
@@ -189,16 +193,16 @@ class Trainer:
     def train(self) -> int:
         """Train to `train.steps`; returns the process exit status."""
         self._announce()
-        if self._restored is not None:
-            self.load_components(self._restored.components)
+        if self.startup.restored is not None:
+            self.load_components(self.startup.restored.components)
         for cb in self.callbacks:
             cb.on_start(self)
         first_step = contextlib.ExitStack()  # closed once the first step's collectives completed
-        first_step.enter_context(self._watchdog.phase("first step"))
+        first_step.enter_context(self.startup.watchdog.phase("first step"))
         if self.step == 0:
             self.first_val = self.val_loss = self.evaluate()
-        if self._restored is not None and self._restored.rng is not None:
-            checkpoint.set_rng_state(self._restored.rng)  # last, so nothing above draws from them
+        if self.startup.restored is not None and self.startup.restored.rng is not None:
+            checkpoint.set_rng_state(self.startup.restored.rng)  # last, so nothing above draws from them
         try:
             while self.step < self.cfg.train.steps:
                 status = self.train_step(first_step)
@@ -214,13 +218,14 @@ class Trainer:
         """One step and everything due after it; an exit status when the run must stop."""
         for cb in self.callbacks:
             cb.on_step_begin(self)
-        if self.guide is not None:  # self-guided alpha; a new engine at the step the guide goes
-            self.engine = self.guide.on_step(self.engine, self.step)
+        # self-guided alpha; a new engine at the step the guide goes
+        self.engine = self.startup.guide.on_step(self.engine, self.step)
         result = self.engine.train_batch(self.batches.next())
         self.step += 1
         # The one per-step host decision: both flags in one all-reduce (a bad step anywhere, a
         # signal on any rank). loss/applied were already read back by train_batch.
-        bad, preempted = any_rank(self.engine.device, self.non_finite.is_bad(result), self.preemption.is_set)
+        bad, preempted = any_rank(self.engine.device, self.non_finite.is_bad(result),
+                                  self.startup.preemption.is_set)
         first_step.close()
         self.metrics.write({"step": self.step, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
                             "loss_scale": result.loss_scale, "applied": result.applied,
@@ -316,7 +321,8 @@ class Trainer:
     def _preempt(self) -> int:
         if self.last_saved != self.step and not self.non_finite.in_bad_run:
             self.save()
-        self.log.print(f"preempted by signal {self.preemption.received_name()}: checkpoint at step {self.last_saved} "
+        signal_name = self.startup.preemption.received_name()
+        self.log.print(f"preempted by signal {signal_name}: checkpoint at step {self.last_saved} "
                        f"saved, exiting with {REQUEUE_EXIT_CODE} for requeue")
         return REQUEUE_EXIT_CODE
 
