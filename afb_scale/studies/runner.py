@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from afb_scale.metrics.run_logger import format_duration
 from afb_scale.studies.collect import run_state
 from afb_scale.studies.spec import Study, StudyRun, validate_runs, write_study_files
 
@@ -25,16 +26,12 @@ STATUS_FILE = "study_status.json"
 EXIT_NON_FINITE = 3  # afb_scale.training.trainer.EXIT_NON_FINITE (not imported: that pulls in the training stack)
 
 
-def _fmt_s(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def train_command(run: StudyRun, nproc: int) -> list[str]:
+def train_command(train_args: list[str], nproc: int) -> list[str]:
+    """`afb-scale train ARGS` as this machine runs it: plainly for one process, else under torchrun."""
     if nproc == 1:  # a world of one needs no launcher (afb-scale train sets it up itself)
-        return [sys.executable, "-m", "afb_scale.cli", "train", *run.train_args]
+        return [sys.executable, "-m", "afb_scale.cli", "train", *train_args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "afb_scale.cli", "train", *run.train_args]
+            "-m", "afb_scale.cli", "train", *train_args]
 
 
 def _work(run: StudyRun) -> float:
@@ -77,7 +74,7 @@ def run_locally(study: Study, out=sys.stdout) -> int:
     for i, run in enumerate(runs, 1):
         if states[run.name] in ("done", "diverged"):
             continue
-        cmd = train_command(run, study.nproc)
+        cmd = train_command(run.train_args, study.nproc)
         verb = "resuming" if states[run.name] == "partial" else "starting"
         print(f"[study {study.kind}] {verb} {i}/{len(runs)} {run.name}", file=out, flush=True)
         log = Path(run.run_dir) / "train.log"
@@ -102,7 +99,7 @@ def run_locally(study: Study, out=sys.stdout) -> int:
         eta = eta_seconds(history, list(left.values()))
         note = " (stopped: non-finite loss, counted as diverged)" if status == EXIT_NON_FINITE else ""
         print(f"[study {study.kind}] {run.name} finished in {wall:.0f} s{note} | {done}/{len(runs)} done, "
-              f"{len(runs) - done} left | elapsed {_fmt_s(elapsed)} | ETA {_fmt_s(eta)}", file=out, flush=True)
+              f"{len(runs) - done} left | elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}", file=out, flush=True)
     return 0
 
 

@@ -78,10 +78,11 @@ def validate_all(runs: list[SweepRun], world_size: int) -> None:
 
 
 def run_locally(runs: list[SweepRun], nproc: int) -> int:
-    """Run each variant in turn with torchrun on this machine; stop at the first failure."""
+    """Run each variant in turn on this machine; stop at the first failure."""
+    from afb_scale.studies.runner import train_command
+
     for i, run in enumerate(runs, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "afb_scale.cli", "train", *run.train_args()]
+        cmd = train_command(run.train_args(), nproc)
         print(f"[sweep {i}/{len(runs)}] {run.name}: {shlex.join(cmd)}", flush=True)
         status = subprocess.run(cmd).returncode
         if status != 0:
