@@ -22,8 +22,8 @@ DPI = 80
 
 DEFINITIONS = """\
 **How to read this.** Intervals are 95% percentile-bootstrap intervals of the mean over seeds
-(2000 resamples of the seeds with replacement, generator seed 0); with 3 seeds such an interval
-cannot be wider than the seeds' range and is a rough guide, not a test. `n` is the number of runs
+(2000 resamples of the seeds with replacement, generator seed 0); with a few seeds (1-3 here) such an
+interval cannot be wider than the seeds' range and is a rough guide, not a test. `n` is the number of runs
 with a finite value. Definitions: validation loss / token accuracy at the last evaluation (best:
 the lowest over evaluations); grad-norm variance and CV (std/mean) over all finite steps after
 warm-up; loss spikes: steps whose loss exceeds the run's `metrics.loss_spike_factor` x the trailing
