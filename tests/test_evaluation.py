@@ -132,6 +132,29 @@ def test_hf_export_matches_megatron_from_tp2_pp2_checkpoint(exported, megatron_v
     assert got["eval_run_dir"]["tokens"] == 2 * 8 * 32  # train.eval_iters x global batch x seq_length
 
 
+def test_eval_under_tensor_and_pipeline_parallelism_equals_one_process(exported, tmp_path):
+    """`torchrun --nproc_per_node 4 ... eval RUN --text FILE --pipeline 2` (TP = 2 x PP = 2, training's
+    pipeline engine) gives the numbers of the one-process HF model, over a short last window and
+    a short last batch."""
+    from afb_scale.evaluation.evaluate import run_eval
+
+    run_dir = exported[0]
+    text = tmp_path / "held_out.py"
+    text.write_text((REPO / "afb_scale" / "evaluation" / "generate.py").read_text()[:1500])
+    one = run_eval(str(run_dir), text=[str(text)], batch_size=4, progress=False)
+    assert one["tokens"] % 32 and (one["tokens"] // 32 + 1) % 4  # both paddings are exercised
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "afb_scale.cli",
+           "eval", str(run_dir), "--text", str(text), "--batch-size", "4", "--pipeline", "2", "--no-progress", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "megatron-core at tensor parallel 2 x pipeline parallel 2" in proc.stdout
+    parallel = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (parallel["tokens"], parallel["bytes"]) == (one["tokens"], one["bytes"])
+    for key in ("loss", "perplexity", "bits_per_byte", "token_accuracy"):
+        assert parallel[key] == pytest.approx(one[key], rel=1e-5, abs=0), key
+
+
 _BASE_KINDS = r"""
 from afb_scale.config import Config, ModelConfig, ParallelConfig
 from afb_scale.model.gpt import build_gpt_model
@@ -388,6 +411,9 @@ def test_bad_inputs_end_in_one_line(exported, tmp_path, capsys):
 
     assert main(["export", str(run_dir), str(hf_dir), "--format", "hf"]) == 2
     assert _error_line(capsys) == f"error: {hf_dir} exists; pass --overwrite to replace it"
+
+    assert main(["eval", str(run_dir), "--text", str(REPO / "README.md"), "--pipeline", "2"]) == 2
+    assert _error_line(capsys).startswith("error: --pipeline=2 needs as many processes or more under torchrun")
 
     assert main(["generate", str(hf_dir), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p=0" in _error_line(capsys)
