@@ -160,12 +160,14 @@ from afb_scale.config import Config, ModelConfig, ParallelConfig
 from afb_scale.model.gpt import build_gpt_model
 from afb_scale.evaluation.hf_export import MegatronSource, build_hf_model
 
+STRUCTURED = [f"{s}-{b}" for s in ("lowrank", "blockdense", "blockshuffle") for b in ("gelu", "swiglu")]
 results = {}
 for name, options in {
     "gelu": dict(ffn_kind="gelu"),
     "swiglu-rope-rmsnorm-untied": dict(ffn_kind="swiglu", position_embedding_type="rope", normalization="RMSNorm",
                                        tie_embeddings=False),
     "afb-swiglu-rope": dict(ffn_kind="afb-swiglu", position_embedding_type="rope"),
+    **{kind: dict(ffn_kind=kind, self_guided=False) for kind in STRUCTURED},  # after the guide is gone
 }.items():
     m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, feedback_rank=8,
                     vocab_size=500, **options)
@@ -187,18 +189,31 @@ for name, options in {
     ours = list(generate_ids(hf, tokens[0, :5].tolist(), Sampling(max_tokens=6), 500, None, 32))
     results[name] = {"max_abs_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
                      "greedy_equal": ours == ids[5:], "untied": "lm_head.weight" in dict(hf.named_parameters())}
-print(json.dumps({"afb": afb_result, "base": results}))
+# a structured checkpoint that still holds its self-guided guide (alpha > 0): refused, not half-exported
+from afb_scale.config import ConfigError
+m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=500,
+                ffn_kind="blockdense-swiglu")
+guided = build_gpt_model(m, ParallelConfig(), "fp32", seed=7)
+try:
+    build_hf_model(MegatronSource(dict(guided.named_parameters()), Config(model=m), None, {"step": 3}))
+    refusal = None
+except ConfigError as e:
+    refusal = str(e)
+print(json.dumps({"afb": afb_result, "base": results, "guided_refusal": refusal}))
 """
 
 
-def test_base_kinds_and_layout_options_match_megatron(megatron_vs_hf):
+def test_base_and_structured_kinds_and_layout_options_match_megatron(megatron_vs_hf):
     got = megatron_vs_hf["base"]
-    assert set(got) == {"gelu", "swiglu-rope-rmsnorm-untied", "afb-swiglu-rope"}
+    structured = {f"{s}-{b}" for s in ("lowrank", "blockdense", "blockshuffle") for b in ("gelu", "swiglu")}
+    assert set(got) == {"gelu", "swiglu-rope-rmsnorm-untied", "afb-swiglu-rope"} | structured
     for name, r in got.items():
         assert r["logit_scale"] > 0.1, (name, r)
         assert r["max_abs_diff"] < LOGITS_ATOL, (name, r)
         assert r["greedy_equal"], (name, r)
     assert got["swiglu-rope-rmsnorm-untied"]["untied"] and not got["gelu"]["untied"]
+    refusal = megatron_vs_hf["guided_refusal"]
+    assert refusal is not None and "step 3" in refusal and "alpha is > 0 until step 150" in refusal, refusal
 
 
 def _tiny_hf_model(position_embedding_type: str):
