@@ -10,13 +10,18 @@ directory must give the validation loss the run printed. The base kinds and the 
 the reference run does not use (SwiGLU, RoPE, RMSNorm, an untied output layer) are checked on
 megatron-core models with random weights (every parameter perturbed, so AFB's zero-initialised
 feedback write counts). lm_eval runs three local YAML tasks over a JSONL file this test writes
-(no hub) through `afb-scale lm-eval`, and its log-likelihoods must equal ours.
+(no hub) through `afb-scale lm-eval`, and its log-likelihoods must equal ours; the stock `lm_eval`
+console script (the name registered by the start-up hook that pip installs) must give the same
+samples.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sysconfig
 import subprocess
 import sys
 from pathlib import Path
@@ -127,17 +132,42 @@ def test_hf_export_matches_megatron_from_tp2_pp2_checkpoint(exported, megatron_v
     assert got["eval_run_dir"]["tokens"] == 2 * 8 * 32  # train.eval_iters x global batch x seq_length
 
 
+def test_eval_under_tensor_and_pipeline_parallelism_equals_one_process(exported, tmp_path):
+    """`torchrun --nproc_per_node 4 ... eval RUN --text FILE --pipeline 2` (TP = 2 x PP = 2, training's
+    pipeline engine) gives the numbers of the one-process HF model, over a short last window and
+    a short last batch."""
+    from afb_scale.evaluation.evaluate import run_eval
+
+    run_dir = exported[0]
+    text = tmp_path / "held_out.py"
+    text.write_text((REPO / "afb_scale" / "evaluation" / "generate.py").read_text()[:1500])
+    one = run_eval(str(run_dir), text=[str(text)], batch_size=4, progress=False)
+    assert one["tokens"] % 32 and (one["tokens"] // 32 + 1) % 4  # both paddings are exercised
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "afb_scale.cli",
+           "eval", str(run_dir), "--text", str(text), "--batch-size", "4", "--pipeline", "2", "--no-progress", "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "megatron-core at tensor parallel 2 x pipeline parallel 2" in proc.stdout
+    parallel = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (parallel["tokens"], parallel["bytes"]) == (one["tokens"], one["bytes"])
+    for key in ("loss", "perplexity", "bits_per_byte", "token_accuracy"):
+        assert parallel[key] == pytest.approx(one[key], rel=1e-5, abs=0), key
+
+
 _BASE_KINDS = r"""
 from afb_scale.config import Config, ModelConfig, ParallelConfig
 from afb_scale.model.gpt import build_gpt_model
 from afb_scale.evaluation.hf_export import MegatronSource, build_hf_model
 
+STRUCTURED = [f"{s}-{b}" for s in ("lowrank", "blockdense", "blockshuffle") for b in ("gelu", "swiglu")]
 results = {}
 for name, options in {
     "gelu": dict(ffn_kind="gelu"),
     "swiglu-rope-rmsnorm-untied": dict(ffn_kind="swiglu", position_embedding_type="rope", normalization="RMSNorm",
                                        tie_embeddings=False),
     "afb-swiglu-rope": dict(ffn_kind="afb-swiglu", position_embedding_type="rope"),
+    **{kind: dict(ffn_kind=kind, self_guided=False) for kind in STRUCTURED},  # after the guide is gone
 }.items():
     m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, feedback_rank=8,
                     vocab_size=500, **options)
@@ -159,18 +189,31 @@ for name, options in {
     ours = list(generate_ids(hf, tokens[0, :5].tolist(), Sampling(max_tokens=6), 500, None, 32))
     results[name] = {"max_abs_diff": float((a - b).abs().max()), "logit_scale": float(a.abs().max()),
                      "greedy_equal": ours == ids[5:], "untied": "lm_head.weight" in dict(hf.named_parameters())}
-print(json.dumps({"afb": afb_result, "base": results}))
+# a structured checkpoint that still holds its self-guided guide (alpha > 0): refused, not half-exported
+from afb_scale.config import ConfigError
+m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=500,
+                ffn_kind="blockdense-swiglu")
+guided = build_gpt_model(m, ParallelConfig(), "fp32", seed=7)
+try:
+    build_hf_model(MegatronSource(dict(guided.named_parameters()), Config(model=m), None, {"step": 3}))
+    refusal = None
+except ConfigError as e:
+    refusal = str(e)
+print(json.dumps({"afb": afb_result, "base": results, "guided_refusal": refusal}))
 """
 
 
-def test_base_kinds_and_layout_options_match_megatron(megatron_vs_hf):
+def test_base_and_structured_kinds_and_layout_options_match_megatron(megatron_vs_hf):
     got = megatron_vs_hf["base"]
-    assert set(got) == {"gelu", "swiglu-rope-rmsnorm-untied", "afb-swiglu-rope"}
+    structured = {f"{s}-{b}" for s in ("lowrank", "blockdense", "blockshuffle") for b in ("gelu", "swiglu")}
+    assert set(got) == {"gelu", "swiglu-rope-rmsnorm-untied", "afb-swiglu-rope"} | structured
     for name, r in got.items():
         assert r["logit_scale"] > 0.1, (name, r)
         assert r["max_abs_diff"] < LOGITS_ATOL, (name, r)
         assert r["greedy_equal"], (name, r)
     assert got["swiglu-rope-rmsnorm-untied"]["untied"] and not got["gelu"]["untied"]
+    refusal = megatron_vs_hf["guided_refusal"]
+    assert refusal is not None and "step 3" in refusal and "alpha is > 0 until step 150" in refusal, refusal
 
 
 def _tiny_hf_model(position_embedding_type: str):
@@ -221,43 +264,74 @@ def test_kv_cache_and_left_padded_batches_equal_single_full_passes(positions):
     assert top1 == nucleus == alone  # top-k 1 and a vanishing top-p are greedy
 
 
-def test_lm_eval_local_tasks_equal_our_loglikelihoods(exported, tmp_path, monkeypatch, capsys):
-    for k, v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache"),
-                 "TRANSFORMERS_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+_LOCAL_DOCS = [{"context": "import os\nimport", "choices": [" sys", " json", " 12"], "gold": 0,
+                "text": "def f(x):\n    return x + 1\n", "answer": "x"},
+               {"context": "def main(", "choices": ["self):", "argv):"], "gold": 1,
+                "text": "class A:\n    pass\n" * 12, "answer": "y"}]  # longer than the 32-token context
+_LOCAL_TASKS = "afb_local_mc,afb_local_rolling,afb_local_gen"
+
+
+@pytest.fixture(scope="module")
+def local_tasks(tmp_path_factory) -> Path:
+    """Three lm_eval YAML tasks (multiple choice, rolling log-likelihood, generation) over a JSONL file."""
+    root = tmp_path_factory.mktemp("lm_eval_tasks")
+    (root / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in _LOCAL_DOCS))
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {root / 'docs.jsonl'}\ntest_split: test\n"
+    (root / "mc.yaml").write_text(
+        "task: afb_local_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\nmetric_list:\n  - metric: acc\n")
+    (root / "roll.yaml").write_text(
+        "task: afb_local_rolling\n" + data + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
+    (root / "gen.yaml").write_text(
+        "task: afb_local_gen\n" + data + "output_type: generate_until\ndoc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{answer}}'\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 5\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n")
+    return root
+
+
+def _lm_eval_args(hf_dir: Path, tasks: Path, out: Path) -> list[str]:
+    return ["--model", "afb_scale", "--model_args", f"path={hf_dir}", "--tasks", _LOCAL_TASKS,
+            "--include_path", str(tasks), "--batch_size", "2", "--log_samples", "--output_path", str(out)]
+
+
+def _samples(out: Path) -> dict[str, list[dict]]:
+    """lm_eval's --log_samples files under `out`, by task."""
+    samples = {}
+    for f in out.rglob("samples_*.jsonl"):
+        task = f.name.split("samples_")[1].rsplit("_", 1)[0]
+        samples[task] = [json.loads(line) for line in f.read_text().splitlines()]
+    return samples
+
+
+@pytest.fixture(scope="module")
+def in_process_lm_eval(exported, local_tasks, tmp_path_factory) -> dict[str, list[dict]]:
+    """`afb-scale lm-eval` on the local tasks, in this process: lm_eval's samples by task."""
+    from afb_scale.cli import main
+
+    out = tmp_path_factory.mktemp("lm_eval_out")
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**_OFFLINE, "HF_DATASETS_CACHE": str(out / "cache")}.items():
+            mp.setenv(k, v)
+        mp.setattr(sys, "argv", sys.argv[:])
+        with contextlib.redirect_stdout(stdout):
+            status = main(["lm-eval", *_lm_eval_args(exported[2], local_tasks, out)])
+    assert status == 0
+    assert "afb_local_mc" in stdout.getvalue()  # the results table
+    return _samples(out)
+
+
+def test_lm_eval_local_tasks_equal_our_loglikelihoods(exported, in_process_lm_eval):
     import torch.nn.functional as F
 
-    from afb_scale.cli import main
     from afb_scale.evaluation.generate import Sampling, generate_ids
     from afb_scale.evaluation.hf_export import load_model
 
     _, _, hf_dir = exported
-    docs = [{"context": "import os\nimport", "choices": [" sys", " json", " 12"], "gold": 0,
-             "text": "def f(x):\n    return x + 1\n", "answer": "x"},
-            {"context": "def main(", "choices": ["self):", "argv):"], "gold": 1,
-             "text": "class A:\n    pass\n" * 12, "answer": "y"}]  # longer than the 32-token context
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'docs.jsonl'}\ntest_split: test\n"
-    (tmp_path / "mc.yaml").write_text(
-        "task: afb_local_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\nmetric_list:\n  - metric: acc\n")
-    (tmp_path / "roll.yaml").write_text(
-        "task: afb_local_rolling\n" + data + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
-        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n")
-    (tmp_path / "gen.yaml").write_text(
-        "task: afb_local_gen\n" + data + "output_type: generate_until\ndoc_to_text: '{{context}}'\n"
-        "doc_to_target: '{{answer}}'\ngeneration_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: 5\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
-    monkeypatch.setattr(sys, "argv", sys.argv[:])
-    status = main(["lm-eval", "--model", "afb_scale", "--model_args", f"path={hf_dir}",
-                   "--tasks", "afb_local_mc,afb_local_rolling,afb_local_gen", "--include_path", str(tmp_path),
-                   "--batch_size", "2", "--log_samples", "--output_path", str(tmp_path / "out")])
-    assert status == 0
-    assert "afb_local_mc" in capsys.readouterr().out  # the results table
-    samples = {}
-    for f in (tmp_path / "out").rglob("samples_*.jsonl"):
-        task = f.name.split("samples_")[1].rsplit("_", 1)[0]
-        samples[task] = [json.loads(line) for line in f.read_text().splitlines()]
+    docs = _LOCAL_DOCS
+    samples = in_process_lm_eval
     assert set(samples) == {"afb_local_mc", "afb_local_rolling", "afb_local_gen"}, sorted(samples)
 
     model, tok, _ = load_model(hf_dir)
@@ -295,6 +369,35 @@ def test_lm_eval_local_tasks_equal_our_loglikelihoods(exported, tmp_path, monkey
         assert s["resps"][0][0] == ours
 
 
+_HOOK_INSTALLED = "import sys; print(any(getattr(f, '__name__', '') == 'LmEvalModelFinder' for f in sys.meta_path))"
+
+
+def test_stock_lm_eval_command_finds_the_model(exported, local_tasks, in_process_lm_eval, tmp_path):
+    """The stock `lm_eval --model afb_scale` console script (the name comes from the start-up hook
+    that `pip install [-e] .` puts in site-packages, afb_scale_lm_eval.pth) gives the numbers of
+    the in-process run."""
+    script = Path(sysconfig.get_path("scripts")) / "lm_eval"
+    if not script.exists():
+        pytest.skip(f"no lm_eval console script at {script}: install the eval extra (pip install -e '.[eval]')")
+    env = {**os.environ, **_OFFLINE, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache")}
+    hook = subprocess.run([sys.executable, "-c", _HOOK_INSTALLED], capture_output=True, text=True, env=env)
+    if hook.stdout.strip() != "True":
+        pytest.skip("the lm_eval start-up hook (afb_scale_lm_eval.pth) is not in this environment's site-packages: "
+                    "install afb_scale with launch/setup.sh (pip install -e '.[eval]') after this commit")
+    proc = subprocess.run([str(script), *_lm_eval_args(exported[2], local_tasks, tmp_path / "out")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "afb_local_mc" in proc.stdout and "|acc" in proc.stdout  # the results table
+    stock, ours = _samples(tmp_path / "out"), in_process_lm_eval
+    assert set(stock) == set(ours) == set(_LOCAL_TASKS.split(","))
+    for task in ours:
+        by_doc = {s["doc_id"]: s["resps"] for s in ours[task]}
+        assert len(stock[task]) == len(by_doc) == len(_LOCAL_DOCS)
+        for s in stock[task]:
+            assert s["resps"] == by_doc[s["doc_id"]], (task, s["doc_id"])  # same process-independent numbers
+
+
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "Traceback" not in "\n".join(err)
@@ -323,6 +426,9 @@ def test_bad_inputs_end_in_one_line(exported, tmp_path, capsys):
 
     assert main(["export", str(run_dir), str(hf_dir), "--format", "hf"]) == 2
     assert _error_line(capsys) == f"error: {hf_dir} exists; pass --overwrite to replace it"
+
+    assert main(["eval", str(run_dir), "--text", str(REPO / "README.md"), "--pipeline", "2"]) == 2
+    assert _error_line(capsys).startswith("error: --pipeline=2 needs as many processes or more under torchrun")
 
     assert main(["generate", str(hf_dir), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p=0" in _error_line(capsys)

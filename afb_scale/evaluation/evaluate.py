@@ -9,10 +9,12 @@
     with the default sample count is exactly the batches training validated on, so the loss
     equals the "validation loss" the run printed.
 
-Under torchrun (`torchrun --nproc_per_node T -m afb_scale.cli eval SOURCE ...`) the model is
-megatron-core's, split over the T processes by tensor parallelism (the full weights of a run,
-checkpoint or `afb-scale export` are sharded on load; every rank scores the same batches, rank 0
-prints): for models that do not fit one process. Pipeline parallelism is not supported here.
+Under torchrun (`torchrun --nproc_per_node N -m afb_scale.cli eval SOURCE [--pipeline P] ...`)
+the model is megatron-core's, split over the N processes as in training: P pipeline stages
+(DeepSpeed's PipelineModule, model/pipeline.py) of N / P tensor-parallel ranks each, for models
+that do not fit one process. The full weights of a run, checkpoint or `afb-scale export` are
+sharded on load, batches go through training's validation step (megatron_scoring.py), every rank
+scores the same batches and rank 0 prints.
 
 Every number is over the predicted tokens: loss is the mean next-token cross-entropy (nats),
 perplexity exp(loss), token accuracy the share where argmax is the target. Bits per byte is
@@ -66,48 +68,26 @@ def piece_bytes(tokenizer) -> torch.Tensor:
 
 
 def hf_scorer(model):
-    """(per-token nll, per-token argmax hit) of a batch, from the one-process HF model."""
+    """score(tokens, labels, mask) -> (summed nll over the masked tokens, argmax hits there), from
+    the one-process HF model."""
     @torch.no_grad()
-    def score(tokens: torch.Tensor, labels: torch.Tensor):
+    def score(tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[float, int]:
         logits = model(input_ids=tokens, use_cache=False).logits.float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        return nll.view_as(labels), logits.argmax(-1) == labels
-    return score
-
-
-def tensor_parallel_scorer(src):
-    """The same, from megatron-core's GPTModel split over this torchrun job's ranks (TP = world)."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from afb_scale.config import ParallelConfig, validate_model
-    from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
-    from afb_scale.model.lm_loss import vocab_parallel_correct
-    from afb_scale.model.tp_layout import load_full_state
-    from afb_scale.parallel.groups import init_distributed
-
-    world = int(os.environ["WORLD_SIZE"])
-    validate_model(src.cfg.model, world)  # heads, ffn hidden and vocabulary divisible by TP
-    layout = init_distributed(ParallelConfig(tensor=world), seed=src.cfg.train.seed)
-    model = build_gpt_model(src.cfg.model, ParallelConfig(tensor=world), "fp32", src.cfg.train.seed).eval()
-    with torch.no_grad():
-        load_full_state(model, src.state, layout.tensor_rank, world)
-
-    @torch.no_grad()
-    def score(tokens: torch.Tensor, labels: torch.Tensor):
-        logits = model(tokens, position_ids_for(tokens), causal_attention_mask(tokens.shape[1]))  # [b, s, v/t]
-        nll = vocab_parallel_cross_entropy(logits.float().contiguous(), labels)
-        return nll, vocab_parallel_correct(logits, labels)
+        m = mask.reshape(-1).bool()
+        hits = (logits.argmax(-1) == labels).reshape(-1)
+        return float(nll[m].double().sum()), int(hits[m].sum())
     return score
 
 
 def score_batch(score, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, totals: Totals,
                 byte_table: torch.Tensor | None = None) -> None:
     """Add one batch ([b, s] each; mask 1 where the label counts) to the totals."""
-    nll, hits = score(tokens, labels)
+    nll, correct = score(tokens, labels, mask)
     m = mask.reshape(-1).bool()
-    totals.nll += float(nll.reshape(-1)[m].double().sum())
+    totals.nll += nll
     totals.tokens += int(m.sum())
-    totals.correct += int(hits.reshape(-1)[m].sum())
+    totals.correct += correct
     if byte_table is not None:
         ids = labels.reshape(-1)[m]
         totals.bytes += int(byte_table[ids.clamp(max=len(byte_table) - 1)].sum())
@@ -187,22 +167,29 @@ def evaluate_samples(score, samples, batch_size: int, totals: Totals, byte_table
 
 def run_eval(source: str, text: list[str] | None = None, data: str | None = None, split: str = "valid",
              max_samples: int | None = None, batch_size: int = 8, text_field: str = "text",
-             progress: bool = True) -> dict:
+             progress: bool = True, pipeline: int = 1) -> dict:
     from afb_scale.evaluation.hf_export import is_hf_export, load_model, load_tokenizer, read_megatron_source
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size={batch_size} must be >= 1")
+    if pipeline < 1:
+        raise ConfigError(f"--pipeline={pipeline} must be >= 1")
     if max_samples is not None and max_samples < 1:
         raise ConfigError(f"--max-samples={max_samples} must be >= 1")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: megatron-core, tensor parallel
+    if pipeline > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise ConfigError(f"--pipeline={pipeline} needs as many processes or more under torchrun "
+                          f"(torchrun --nproc_per_node N -m afb_scale.cli eval ...); this is one process")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: megatron-core, TP x PP
+        from afb_scale.evaluation.megatron_scoring import megatron_scorer
+
         if is_hf_export(Path(source)):
-            raise ConfigError(f"{source} is a Hugging Face export; tensor-parallel eval reads a run, a checkpoint "
+            raise ConfigError(f"{source} is a Hugging Face export; eval under torchrun reads a run, a checkpoint "
                               "or an afb-scale export (the megatron-core weights)")
         src = read_megatron_source(source)
         if src.tokenizer is None:
             raise ConfigError(f"the run's tokenizer {src.cfg.data.tokenizer} is not found from here")
         tok, cfg, seq = load_tokenizer(src.tokenizer), src.cfg, src.cfg.model.seq_length
-        score = tensor_parallel_scorer(src)
+        score = megatron_scorer(src, batch_size, pipeline)
         progress = progress and int(os.environ.get("RANK", "0")) == 0
     else:
         model, tok, cfg = load_model(source)
@@ -228,11 +215,13 @@ def cmd_eval(args) -> int:
     if bool(args.text) == bool(args.data):
         raise ConfigError("give exactly one of --text FILES or --data PREFIX")
     result = run_eval(args.source, args.text, args.data, args.split, args.max_samples, args.batch_size,
-                      args.text_field, progress=not args.no_progress)
+                      args.text_field, progress=not args.no_progress, pipeline=args.pipeline)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        result["evaluated"] += f", megatron-core at tensor parallel {os.environ['WORLD_SIZE']}"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        result["evaluated"] += (f", megatron-core at tensor parallel {world // args.pipeline}"
+                                + (f" x pipeline parallel {args.pipeline}" if args.pipeline > 1 else ""))
     print(f"evaluated: {result['evaluated']}")
     print(f"tokens {result['tokens']:,}  bytes {result['bytes']:,}")
     print(f"loss {result['loss']:.6f}  perplexity {result['perplexity']:.3f}  "
@@ -251,5 +240,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-samples", type=int, help="with --data: samples to evaluate (default: what training "
                    "validates on, train.eval_iters x train.global_batch_size)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    p.add_argument("--pipeline", type=int, default=1, metavar="P", help="under torchrun: pipeline-parallel "
+                   "stages (default 1); tensor parallelism takes the rest, processes / P")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="also print the numbers as one JSON line")

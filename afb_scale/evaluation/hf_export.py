@@ -113,6 +113,8 @@ def hf_config(model_cfg, eos_id: int = 2, pad_id: int = 0):
         vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_attention_heads,
         intermediate_size=m.resolved_ffn_hidden_size, ffn_kind=m.ffn_kind, feedback_rank=m.feedback_rank,
+        **({"structured_rank": m.structured_size.rank, "structured_blocks": m.structured_size.blocks}
+           if m.structure else {}),
         max_position_embeddings=m.seq_length, position_embedding_type=m.position_embedding_type,
         rotary_base=10000.0,  # megatron-core's GPTModel default; gpt.py passes no other
         normalization=m.normalization, layer_norm_eps=1e-5,  # TransformerConfig.layernorm_epsilon
@@ -157,6 +159,12 @@ def hf_state_from_megatron(state: dict, config) -> dict[str, torch.Tensor]:
             out[f"{dst}.self_attn.v_proj.{suffix}"] = v.reshape(groups * hd, *qkv.shape[2:])
             out[f"{dst}.self_attn.o_proj.{suffix}"] = take(f"{src}.self_attention.linear_proj.{suffix}")
         gated = c.ffn_kind.endswith("swiglu")
+        if c.ffn_kind.split("-")[0] in ("lowrank", "blockdense", "blockshuffle"):
+            # the factors as they are (SwiGLU's fc1 is one structured map to [gate; up])
+            for fc in ("fc1", "fc2"):
+                for name in ("first.weight", "second.weight", *(("bias",) if c.use_bias else ())):
+                    out[f"{dst}.mlp.{fc}.{name}"] = take(f"{src}.mlp.linear_{fc}.{name}")
+            continue
         for suffix in ("weight", "bias") if c.use_bias else ("weight",):
             fc1 = take(f"{src}.mlp.linear_fc1.{suffix}")
             if gated:  # [W1; W3] (megatron's glu: silu(first half) * second half)
@@ -182,6 +190,14 @@ def build_hf_model(src: MegatronSource):
     """AfbGptForCausalLM (eval mode, fp32) holding the source's weights, and its tokenizer."""
     from afb_scale.evaluation.hf_modeling.modeling_afb_gpt import AfbGptForCausalLM
 
+    guides = sorted(k for k in src.state if k.endswith(".guide.weight"))
+    if guides:
+        from afb_scale.model.self_guided import guided_steps
+
+        raise ConfigError(
+            f"this checkpoint (step {src.provenance.get('step')}) still holds the self-guided guide ({guides[0]}, ...), "
+            f"whose weight alpha is > 0 until step {guided_steps(src.cfg)}; the HF export holds the structured "
+            f"path only: export a checkpoint from step {guided_steps(src.cfg)} on")
     tok = load_tokenizer(src.tokenizer) if src.tokenizer else None
     config = hf_config(src.cfg.model, *((tok.eos_token_id, tok.pad_token_id) if tok else ()))
     state = hf_state_from_megatron(src.state, config)

@@ -1,16 +1,18 @@
 """An lm-evaluation-harness model for afb_scale models: `--model afb_scale --model_args path=SOURCE`.
 
 Importing this module registers the name `afb_scale` in lm_eval's model registry. lm_eval 0.4
-has no plugin discovery for model classes (its registry lists only its own), so the stock
-`lm_eval` executable cannot know the name; `afb-scale lm-eval ARGS...` (or
-`python -m afb_scale.evaluation.lm_eval_model ARGS...`) is lm_eval's own command line with the
-model registered, taking exactly lm_eval's arguments:
+reads no entry points for model classes, so the installed package carries a start-up hook
+(afb_scale_lm_eval_hook.py, run from the `afb_scale_lm_eval.pth` that `pip install [-e] .`
+puts in site-packages) that registers the name lazily, as `afb_scale.evaluation.lm_eval_model:
+AfbScaleLM`, whenever lm_eval loads its model table. So the stock command works:
 
-    afb-scale lm-eval --model afb_scale --model_args path=exports/quickstart-hf \\
+    lm_eval --model afb_scale --model_args path=exports/quickstart-hf \\
         --tasks TASK --include_path DIR --batch_size 8
 
-In Python: `import afb_scale.evaluation.lm_eval_model` and then
-`lm_eval.simple_evaluate(model="afb_scale", model_args="path=...")`.
+`afb-scale lm-eval ARGS...` (or `python -m afb_scale.evaluation.lm_eval_model ARGS...`) is the
+same command line, and works without the hook (e.g. with only PYTHONPATH pointing here).
+In Python: `lm_eval.simple_evaluate(model="afb_scale", model_args="path=...")` (without the
+hook, `import afb_scale.evaluation.lm_eval_model` first).
 
 SOURCE is anything hf_export.load_model reads. Scoring follows lm_eval's HF model (HFLM):
 loglikelihood scores the continuation's tokens given the context, truncated from the left to
@@ -145,7 +147,7 @@ class AfbScaleLM(TemplateLM):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """lm_eval's command line, with `--model afb_scale` available (registered on import above)."""
+    """lm_eval's command line; `--model afb_scale` is registered by importing this module."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]

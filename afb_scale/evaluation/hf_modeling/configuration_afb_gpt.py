@@ -6,7 +6,8 @@ Self-contained on purpose: transformers loads this file from the export director
 
 from transformers import PretrainedConfig
 
-FFN_KINDS = ("gelu", "swiglu", "afb-gelu", "afb-swiglu")
+FFN_KINDS = ("gelu", "swiglu", "afb-gelu", "afb-swiglu",
+             *(f"{structure}-{base}" for structure in ("lowrank", "blockdense", "blockshuffle") for base in ("gelu", "swiglu")))
 
 
 class AfbGptConfig(PretrainedConfig):
@@ -23,6 +24,8 @@ class AfbGptConfig(PretrainedConfig):
         intermediate_size: int = 256,  # ffn hidden f
         ffn_kind: str = "afb-gelu",
         feedback_rank: int = 64,
+        structured_rank: int = 0,  # structured kinds: r of lowrank / blockdense (0 for blockshuffle)
+        structured_blocks: int = 1,  # structured kinds: block count of blockdense / blockshuffle
         max_position_embeddings: int = 128,  # the trained sequence length
         position_embedding_type: str = "learned_absolute",  # or "rope"
         rotary_base: float = 10000.0,
@@ -46,6 +49,8 @@ class AfbGptConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.ffn_kind = ffn_kind
         self.feedback_rank = feedback_rank
+        self.structured_rank = structured_rank
+        self.structured_blocks = structured_blocks
         self.max_position_embeddings = max_position_embeddings
         self.position_embedding_type = position_embedding_type
         self.rotary_base = rotary_base

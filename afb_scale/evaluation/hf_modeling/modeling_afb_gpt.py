@@ -79,6 +79,77 @@ class AfbGptMLP(nn.Module):
         return self.w2(a)
 
 
+class _Factor(nn.Module):
+    """Holds one factor as `.weight`, so names read fc1.first.weight as megatron's linear_fc1.first.weight."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(shape))
+
+
+class StructuredLinear(nn.Module):
+    """y = second(first(x)) (+ bias): the structured FFN projections of Wei et al. (2024).
+
+    This is afb_scale/model/structured.py's `structured_apply` written a second time, on purpose:
+    an export's remote code runs where afb_scale need not be installed, so it cannot import it.
+    The export test holds the two to each other (logits to 1e-4 for every structured kind).
+    lowrank: U (V x). blockdense: L (B x), B block-diagonal [nb, r/nb, n/nb]. blockshuffle:
+    B2 shuffle(B1 x), both block-diagonal, `shuffle` reading elements j, j+nb, ... into block j.
+    """
+
+    def __init__(self, structure: str, n: int, m: int, rank: int, blocks: int, bias: bool):
+        super().__init__()
+        if structure == "lowrank":
+            shapes = (rank, n), (m, rank)
+        elif structure == "blockdense":
+            shapes = (blocks, rank // blocks, n // blocks), (m, rank)
+        else:  # blockshuffle
+            q = min(n, m) // blocks
+            shapes = (blocks, q, n // blocks), (blocks, m // blocks, q)
+        self.structure, self.blocks = structure, blocks
+        self.first, self.second = _Factor(shapes[0]), _Factor(shapes[1])
+        self.bias = nn.Parameter(torch.zeros(m)) if bias else None
+
+    @staticmethod
+    def _block_diagonal(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        nb, out_b, in_b = blocks.shape
+        xs = x.reshape(*x.shape[:-1], nb, in_b)
+        return torch.einsum("...ki,koi->...ko", xs, blocks).reshape(*x.shape[:-1], nb * out_b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second = self.first.weight, self.second.weight
+        if self.structure == "lowrank":
+            y = F.linear(F.linear(x, first), second)
+        elif self.structure == "blockdense":
+            y = F.linear(self._block_diagonal(x, first), second)
+        else:
+            z = self._block_diagonal(x, first)
+            zs = z.reshape(*z.shape[:-1], z.shape[-1] // self.blocks, self.blocks).transpose(-1, -2)  # shuffle
+            y = torch.einsum("...kq,koq->...ko", zs, second).reshape(*z.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class AfbGptStructuredMLP(nn.Module):
+    """A structured FFN (lowrank / blockdense / blockshuffle x gelu / swiglu): fc1 maps d -> f,
+    or d -> 2f for SwiGLU with output [gate; up] (one structured map, so not split in two)."""
+
+    def __init__(self, config: AfbGptConfig):
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        structure, base = config.ffn_kind.split("-")
+        self.gated = base == "swiglu"
+        r, nb, bias = config.structured_rank, config.structured_blocks, config.use_bias
+        self.fc1 = StructuredLinear(structure, d, 2 * f if self.gated else f, r, nb, bias)
+        self.fc2 = StructuredLinear(structure, f, d, r, nb, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.fc2(F.silu(gate) * up)
+        return self.fc2(F.gelu(h))
+
+
 class AfbGptAttention(nn.Module):
     def __init__(self, config: AfbGptConfig, layer_idx: int):
         super().__init__()
@@ -119,7 +190,8 @@ class AfbGptDecoderLayer(nn.Module):
         self.input_layernorm = _norm(config)
         self.self_attn = AfbGptAttention(config, layer_idx)
         self.post_attention_layernorm = _norm(config)
-        self.mlp = AfbGptMLP(config)
+        structured = config.ffn_kind.split("-")[0] in ("lowrank", "blockdense", "blockshuffle")
+        self.mlp = AfbGptStructuredMLP(config) if structured else AfbGptMLP(config)
 
     def forward(self, x, mask, rotary, past_key_values):
         x = x + self.self_attn(self.input_layernorm(x), mask, rotary, past_key_values)
@@ -134,6 +206,8 @@ class AfbGptPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
 
     def _init_weights(self, module):  # only for fresh models: exports load every weight
+        if isinstance(module, _Factor):
+            nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
             if getattr(module, "bias", None) is not None:
