@@ -58,6 +58,12 @@ def alpha_at(step: int, guided: int, schedule: str = "cosine") -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+def alpha_after(completed: int, guided: int, schedule: str = "cosine") -> float:
+    """alpha of the model as it stands after `completed` steps: the one its last update (and the
+    evaluation after it) used; 1 before any step. For a checkpoint, an export, a resharded load."""
+    return alpha_at(max(completed - 1, 0), guided, schedule)
+
+
 def check_layout(cfg: Config) -> None:
     """The layouts where the guide's removal moves the optimizer state exactly (see above)."""
     if guided_steps(cfg) == 0:
@@ -83,6 +89,9 @@ class SelfGuidedSchedule:
         if self.guided == 0 or completed_steps <= self.guided:
             return self.cfg if self.guided else _without_guide(self.cfg)
         return _without_guide(self.cfg)
+
+    def alpha_after(self, completed_steps: int) -> float:
+        return alpha_after(completed_steps, self.guided, self.schedule) if self.guided else 0.0
 
     def engine_config(self, plan) -> Config:
         """The config to build the engine from for a fresh run (plan None) or a resume plan
