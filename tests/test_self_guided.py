@@ -42,18 +42,19 @@ def test_guided_steps_and_the_model_for_a_step():
 def test_self_guided_layouts_are_checked():
     from afb_scale.config import ConfigError, load_config, validate
 
-    for bad in ("parallel.zero_stage=3", "train.precision=bf16"):
-        cfg = load_config("configs/quickstart.yaml", ["model.ffn_kind=blockdense-gelu", bad])
+    kind = "model.ffn_kind=blockdense-gelu"
+    for bad in (["parallel.zero_stage=3"], ["parallel.zero_stage=3", "train.precision=bf16"]):
         with pytest.raises(ConfigError, match="model.self_guided=true"):
-            validate(cfg, 2, cuda_available=False)
-    for ok in ("parallel.zero_stage=2", "model.self_guided=false"):
-        validate(load_config("configs/quickstart.yaml", ["model.ffn_kind=blockdense-gelu", "parallel.zero_stage=3", ok]),
-                 2, cuda_available=False)
+            validate(load_config("configs/quickstart.yaml", [kind, *bad]), 2, cuda_available=False)
+    for ok in (["parallel.zero_stage=2"], ["parallel.zero_stage=1", "train.precision=bf16"],
+               ["parallel.zero_stage=3", "model.self_guided=false"]):
+        validate(load_config("configs/quickstart.yaml", [kind, *ok]), 2, cuda_available=False)
 
 
 def _full_state(engine, zero: int) -> dict[str, tuple]:
-    """name -> (fp32 weight, exp_avg, exp_avg_sq) of this rank's (TP-sharded) parameters, whole
-    over data parallelism: torch's optimizer at ZeRO 0, DeepSpeed's public getters at ZeRO 1/2."""
+    """name -> (fp32 weight, exp_avg, exp_avg_sq, the model's working copy) of this rank's
+    (TP-sharded) parameters, whole over data parallelism: torch's optimizer at ZeRO 0, DeepSpeed's
+    public getters at ZeRO 1/2."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     from afb_scale.compat.deepspeed import link_optimizer_state
@@ -68,6 +69,7 @@ def _full_state(engine, zero: int) -> dict[str, tuple]:
         else:
             out[name] = (safe_get_full_fp32_param(p), safe_get_full_optimizer_state(p, "exp_avg"),
                          safe_get_full_optimizer_state(p, "exp_avg_sq"))
+        out[name] += (p.detach().clone(),)
     return out
 
 
@@ -76,7 +78,7 @@ def _optimizer_steps(engine, zero: int) -> list[float]:
     return sorted({float(s["step"]) for s in opt.state.values()})
 
 
-def _state_across_removal(rank, world, zero, tensor):
+def _state_across_removal(rank, world, zero, tensor, precision):
     from megatron.core import parallel_state
 
     from engine_cases import rank_micro_batches, text_batches, tiny_config
@@ -86,7 +88,8 @@ def _state_across_removal(rank, world, zero, tensor):
     from afb_scale.training.engine import Engine
 
     cfg = tiny_config(**{"model.ffn_kind": "blockdense-gelu", "model.structured_blocks": 2, "parallel.tensor": tensor,
-                         "parallel.zero_stage": zero, "train.steps": 6})  # guided for 3 steps
+                         "parallel.zero_stage": zero, "train.precision": precision,
+                         "train.steps": 6})  # guided for 3 steps
     validate(cfg, world)
     layout = init_distributed(cfg.parallel)
     schedule = SelfGuidedSchedule(cfg, layout)
@@ -105,7 +108,7 @@ def _state_across_removal(rank, world, zero, tensor):
     after = _full_state(removed, zero)
     assert set(before) - set(after) == {n for n in before if ".guide." in n} and set(after) <= set(before)
     for name, tensors in after.items():
-        for what, got, want in zip(("weight", "exp_avg", "exp_avg_sq"), tensors, before[name]):
+        for what, got, want in zip(("weight", "exp_avg", "exp_avg_sq", "working weight"), tensors, before[name]):
             assert torch.equal(got, want), f"{name} {what} changed across the guide's removal"
         assert before[name][2].abs().sum() > 0, f"{name}: no second moment to carry"
     assert (_optimizer_steps(removed, zero), removed.scheduler.get_last_lr(), counters(removed)) == \
@@ -115,12 +118,13 @@ def _state_across_removal(rank, world, zero, tensor):
     return len(after), len(before) - len(after)
 
 
-@pytest.mark.parametrize("zero, tensor, world", [(0, 2, 2), (1, 1, 2), (2, 1, 2)],
-                         ids=["zero0-tp2", "zero1-dp2", "zero2-dp2"])
-def test_removal_carries_weights_and_adam_moments_exactly(zero, tensor, world):
+@pytest.mark.parametrize("zero, tensor, world, precision", [(0, 2, 2, "fp32"), (1, 1, 2, "fp32"), (2, 1, 2, "fp32"),
+                                                            (1, 1, 2, "bf16")],
+                         ids=["zero0-tp2", "zero1-dp2", "zero2-dp2", "bf16-zero1-dp2"])
+def test_removal_carries_weights_and_adam_moments_exactly(zero, tensor, world, precision):
     from multiproc import run_ranks
 
-    for kept, dropped in run_ranks(_state_across_removal, world, zero, tensor):
+    for kept, dropped in run_ranks(_state_across_removal, world, zero, tensor, precision):
         assert dropped == 4 and kept > 10  # fc1 and fc2 guides of 2 layers
 
 

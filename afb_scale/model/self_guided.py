@@ -21,10 +21,11 @@ removed in-process the same way; c > S: built without the guide, loaded by DeepS
 uninterrupted one bit for bit (tests/test_self_guided.py).
 
 The transfer handles torch's AdamW under DeepSpeed's fp32 engine at ZeRO 0 (the optimizer's
-state is keyed by parameter) and at ZeRO 1/2 (flat partitions, moved parameter by parameter with
-deepspeed.utils' safe_get/set_full_* and compat.deepspeed.start_zero_optimizer_state). ZeRO 3,
-bf16/fp16 (other optimizer wrappers) and pipeline parallelism are untested; config validation
-refuses self-guided training there for now (run them with model.self_guided=false).
+state is keyed by parameter) and under its ZeRO-1/2 and bf16 ZeRO-1 optimizers (flat fp32
+partitions, moved parameter by parameter with deepspeed.utils' safe_get/set_full_* and
+compat.deepspeed.start_zero_optimizer_state). ZeRO 3, fp16 and pipeline parallelism are
+untested; config validation refuses self-guided training there for now (run them with
+model.self_guided=false).
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ def check_layout(cfg: Config) -> None:
     if guided_steps(cfg) == 0:
         return
     p, t = cfg.parallel, cfg.train
-    if p.zero_stage not in (0, 1, 2) or t.precision != "fp32" or p.pipeline != 1:
+    tested = (t.precision == "fp32" and p.zero_stage in (0, 1, 2)) or (t.precision == "bf16" and p.zero_stage == 1)
+    if not tested or p.pipeline != 1:
         raise ConfigError(
-            f"model.self_guided=true ({cfg.model.ffn_kind}) runs at parallel.zero_stage=0-2, train.precision=fp32, "
-            f"parallel.pipeline=1 for now, not zero_stage={p.zero_stage}, precision={t.precision}, "
-            f"pipeline={p.pipeline}; set model.self_guided=false (or model.guide_fraction=0) there")
+            f"model.self_guided=true ({cfg.model.ffn_kind}) runs at train.precision=fp32 with parallel.zero_stage=0-2 "
+            f"or bf16 with zero_stage=1, and parallel.pipeline=1, for now, not precision={t.precision}, "
+            f"zero_stage={p.zero_stage}, pipeline={p.pipeline}; set model.self_guided=false (or model.guide_fraction=0) there")
 
 
 class SelfGuidedSchedule:
