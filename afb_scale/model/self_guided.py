@@ -182,10 +182,11 @@ def _transfer_per_parameter(old_opt, new_opt, old_params, new_params) -> None:
 
 
 def _transfer_partitioned(old_opt, new_opt, old_params, new_params) -> None:
-    """ZeRO 1/2: each rank holds a slice of a flat fp32 copy and of the moments, partitioned
-    differently once the guides are gone. DeepSpeed's safe_get/set_full_* move each kept
-    parameter's full fp32 weight and moments across (all-reduces over its data-parallel group,
-    so every rank walks the parameters in the same order); the model's working copy too."""
+    """ZeRO 1/2 (fp32) and bf16 ZeRO 1: each rank holds a slice of a flat fp32 copy and of the
+    moments, partitioned differently once the guides are gone. DeepSpeed's safe_get/set_full_*
+    move each kept parameter's full fp32 weight and moments across (all-reduces over its
+    data-parallel group, so every rank walks the parameters in the same order); the model's
+    working copy too."""
     from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                                  safe_set_full_fp32_param, safe_set_full_optimizer_state)
 
