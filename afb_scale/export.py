@@ -8,10 +8,13 @@ checkpoint directory (`<run_dir>/checkpoints/step00000300`). OUT_DIR receives:
 
     model.safetensors   every parameter as a full fp32 tensor, named as megatron-core's GPTModel
                         names it at TP = PP = 1 (embedding.word_embeddings.weight, decoder.layers.0...)
-    config.yaml         the run's config; its `model:` section is what builds the network
+    config.yaml         the run's config; its `model:` section is what builds the network (for a
+                        structured kind past its guide's removal, model.self_guided=false: no guide)
     tokenizer.model     a copy of the run's sentencepiece model
     export.json         provenance: source checkpoint, step, consumed samples, the tokenizer's
-                        original path and sha256, and the sha256 of model.safetensors
+                        original path and sha256, the sha256 of model.safetensors, and for a
+                        structured kind saved with its self-guided guide the guide's weight alpha
+                        at that step (`guide_alpha`; null otherwise), which the loader applies
 
 Loading it (no DeepSpeed is imported; megatron-core gets a one-process group):
 
@@ -69,6 +72,7 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
         raise SystemExit(f"error: {out} exists; pass --overwrite to replace it")
     cfg = load_config(tag_dir / "config.yaml")
     state = dict(read_consolidated(tag_dir))
+    cfg, guide_alpha = _guide_at(cfg, marker["step"], state)
     with staged_directory(out) as stage:
         save_file(state, str(stage / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
         dump_config(cfg, stage / "config.yaml")
@@ -82,10 +86,28 @@ def export_model(src: str | os.PathLike, out_dir: str | os.PathLike, overwrite: 
             "format": EXPORT_FORMAT, "source_checkpoint": str(tag_dir.resolve()), "step": marker["step"],
             "consumed_samples": marker["consumed_samples"], "trained_layout": marker["layout"],
             "tokenizer": tok_info, "model_sha256": describe_file(stage / "model.safetensors")["sha256"],
-            "parameters": int(sum(t.numel() for t in state.values())),
+            "parameters": int(sum(t.numel() for t in state.values())), "guide_alpha": guide_alpha,
         }
         (stage / "export.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
+
+
+def _guide_at(cfg, step: int, state: dict):
+    """(the config that builds the checkpoint's model, its guide's alpha or None): a structured
+    kind's guide exists in checkpoints up to its removal step (model/self_guided.py) and mixes in
+    with the alpha its last update used."""
+    if cfg.model.structure is None:
+        return cfg, None
+    from afb_scale.model.self_guided import SelfGuidedSchedule
+
+    schedule = SelfGuidedSchedule(cfg, None)
+    model_cfg = schedule.config_at(step)
+    has_guide = any(".guide." in name for name in state)
+    if has_guide != model_cfg.model.self_guided:
+        raise SystemExit(f"error: the checkpoint at step {step} {'has' if has_guide else 'lacks'} the self-guided guide, "
+                         f"but its config (guide_fraction={cfg.model.guide_fraction}, train.steps={cfg.train.steps}) "
+                         f"says it {'lacks' if has_guide else 'has'} it")
+    return model_cfg, schedule.alpha_after(step) if has_guide else None
 
 
 @contextlib.contextmanager
@@ -151,6 +173,10 @@ def load_exported(out_dir: str | os.PathLike, verify: bool = True):
         raise KeyError(f"export does not fit the model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
     for name, p in params.items():
         p.copy_(state[name])
+    if info.get("guide_alpha") is not None:
+        from afb_scale.model.self_guided import set_alpha
+
+        set_alpha(model, info["guide_alpha"])
     return model.eval(), cfg
 
 

@@ -108,6 +108,25 @@ def test_cpu_study_files_expand():
     assert log_spaced(1.0, 100.0, 3) == [1.0, 10.0, 100.0]
 
 
+def test_structured_scaling_study_counts_the_model_without_its_guide():
+    import dataclasses
+
+    from afb_scale import cost
+    from afb_scale.config import load_config
+
+    study = load_study(STUDIES / "scaling-structured-cpu.yaml")
+    assert len(study.runs) == 4 * 4 and {r.meta["kind"] for r in study.runs} >= {"lowrank-gelu", "blockshuffle-gelu"}
+    run = next(r for r in study.runs if r.name == "h64-l2_blockdense-gelu_seed1")
+    m = load_config(run.config, run.overrides).model
+    assert m.self_guided  # it trains with the guide ...
+    guideless = cost.parameter_count(dataclasses.replace(m, self_guided=False))
+    assert run.meta["params"] == guideless < cost.parameter_count(m)  # ... but N is the model it ends with
+    dense = next(r for r in study.runs if r.name == "h64-l2_gelu_seed1")
+    assert run.meta["fit_params"] < dense.meta["fit_params"] and run.meta["tokens"] < dense.meta["tokens"]
+    gpu = load_study(STUDIES / "scaling-structured-gpt3.yaml")
+    assert len(gpu.runs) == 4 * 5 and any(r.name == "1.3b_blockshuffle-gelu_seed1" for r in gpu.runs)
+
+
 def test_bad_study_files(tmp_path, capsys):
     bad = tmp_path / "s.yaml"
     bad.write_text(f"study: stability\nbase: {ROOT}/configs/studies/base-cpu.yaml\nrun_root: r\n"

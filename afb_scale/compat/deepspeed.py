@@ -19,6 +19,10 @@ UPSTREAM = {
     "deepspeed.runtime.engine:DeepSpeedEngine.clip_fp32_gradients": "c3ad53cbce68a72f",
     "deepspeed.runtime.engine:DeepSpeedEngine._take_model_step": "c4c6e01aa1fc4e7d",
     "deepspeed.runtime.engine:DeepSpeedEngine.load_checkpoint": "5728d3dfa42a3d6c",
+    "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._lazy_init_hp_params_optimizer_state": "45e666d78112a891",
+    "deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer._optimizer_step": "d7e21affbbf9b696",
+    "deepspeed.runtime.bf16_optimizer:BF16_Optimizer._lazy_init_hp_params_optimizer_state": "756e7b78c340beef",
+    "deepspeed.runtime.bf16_optimizer:BF16_Optimizer.step": "9b21d4a28f8714d9",
 }
 
 
@@ -117,3 +121,69 @@ def set_training_position(engine, scheduler, step: int, consumed_samples: int) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
         scheduler.step()
+
+
+def is_zero_partitioned(optimizer) -> bool:
+    """True for DeepSpeed's ZeRO-1/2 optimizer and its bf16 ZeRO-1 one (BF16_Optimizer): flat
+    fp32 partitions with per-parameter fragments, which deepspeed.utils' safe_get/set_* reach."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return isinstance(optimizer, (DeepSpeedZeroOptimizer, BF16_Optimizer))
+
+
+def _flat_partitions(optimizer) -> list[torch.Tensor]:
+    """This rank's flat fp32 partition per parameter group (the tensors torch's optimizer steps)."""
+    if hasattr(optimizer, "single_partition_of_fp32_groups"):
+        return optimizer.single_partition_of_fp32_groups  # DeepSpeedZeroOptimizer
+    return optimizer.fp32_groups_flat_partition  # BF16_Optimizer
+
+
+def start_zero_optimizer_state(new, old) -> list[str]:
+    """Give a ZeRO-1/2 (or bf16 ZeRO-1) optimizer that has not stepped yet (`new`) the state torch's optimizer
+    would create in its first step, shaped like `old`'s: per flat partition, every per-element
+    state (AdamW: exp_avg, exp_avg_sq) zero and every other entry (the step count) copied; then
+    link each parameter's fragment of it. Returns the per-element keys, which
+    `deepspeed.utils.safe_set_full_optimizer_state` can now write parameter by parameter
+    (self-guided training replaces its engine mid-run, model/self_guided.py).
+
+    Why: DeepSpeedZeroOptimizer lets torch's optimizer create its state lazily in the first
+    `step()` and only then links the parameters' fragments of it
+    (`_lazy_init_hp_params_optimizer_state`, runtime/zero/stage_1_and_2.py and
+    runtime/bf16_optimizer.py); before that the
+    safe_set_* functions have nothing to write into. Both optimizers hold the same parameter
+    groups in the same order (engine.param_groups), only the flat partitions' sizes differ.
+    `old` is relinked first (`link_optimizer_state`).
+    """
+    link_optimizer_state(old)
+    if new.optimizer.state:
+        raise RuntimeError("start_zero_optimizer_state: the new optimizer already has state")
+    olds, news = _flat_partitions(old), _flat_partitions(new)
+    if len(olds) != len(news):
+        raise RuntimeError(f"start_zero_optimizer_state: {len(olds)} parameter groups before, {len(news)} after")
+    per_element: set[str] = set()
+    for old_flat, new_flat in zip(olds, news):
+        state = {}
+        for key, value in old.optimizer.state[old_flat].items():
+            if torch.is_tensor(value) and value.shape == old_flat.shape:
+                state[key] = torch.zeros_like(new_flat)
+                per_element.add(key)
+            else:
+                state[key] = value.clone() if torch.is_tensor(value) else value
+        new.optimizer.state[new_flat] = state
+    link_optimizer_state(new)
+    return sorted(per_element)
+
+
+def link_optimizer_state(zero_optimizer) -> None:
+    """(Re)link every parameter's fragment of a ZeRO-1/2 optimizer's state, so that
+    `deepspeed.utils.safe_get_full_optimizer_state` reaches every parameter's moments.
+
+    Why: DeepSpeedZeroOptimizer's `_optimizer_step(group_no)` links the fragments of *all*
+    groups right after stepping the first one, when torch's optimizer has no state for the later groups yet, and then never again
+    (`_hp_optimizer_states_linked`): the moments of every group but the first stay unreachable.
+    After `load_checkpoint` the fragments are relinked to the weights but not to the loaded state.
+    Running upstream's own linking again once the state exists fixes both.
+    """
+    zero_optimizer._hp_optimizer_states_linked = False
+    zero_optimizer._lazy_init_hp_params_optimizer_state()

@@ -20,9 +20,11 @@ the new engine continues the same run: a run resumed from any checkpoint (c <= S
 removed in-process the same way; c > S: built without the guide, loaded by DeepSpeed) matches an
 uninterrupted one bit for bit (tests/test_self_guided.py).
 
-The transfer handles torch's AdamW under DeepSpeed's fp32 ZeRO-0 engine (the optimizer's state
-is keyed by parameter). ZeRO 1-3, bf16/fp16 and pipeline parallelism keep flat or partitioned
-optimizer state; config validation refuses self-guided training there for now (run them with
+The transfer handles torch's AdamW under DeepSpeed's fp32 engine at ZeRO 0 (the optimizer's
+state is keyed by parameter) and under its ZeRO-1/2 and bf16 ZeRO-1 optimizers (flat fp32
+partitions, moved parameter by parameter with deepspeed.utils' safe_get/set_full_* and
+compat.deepspeed.start_zero_optimizer_state). ZeRO 3, fp16 and pipeline parallelism are
+untested; config validation refuses self-guided training there for now (run them with
 model.self_guided=false).
 """
 
@@ -58,16 +60,23 @@ def alpha_at(step: int, guided: int, schedule: str = "cosine") -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
 
+def alpha_after(completed: int, guided: int, schedule: str = "cosine") -> float:
+    """alpha of the model as it stands after `completed` steps: the one its last update (and the
+    evaluation after it) used; 1 before any step. For a checkpoint, an export, a resharded load."""
+    return alpha_at(max(completed - 1, 0), guided, schedule)
+
+
 def check_layout(cfg: Config) -> None:
     """The layouts where the guide's removal moves the optimizer state exactly (see above)."""
     if guided_steps(cfg) == 0:
         return
     p, t = cfg.parallel, cfg.train
-    if p.zero_stage != 0 or t.precision != "fp32" or p.pipeline != 1:
+    tested = (t.precision == "fp32" and p.zero_stage in (0, 1, 2)) or (t.precision == "bf16" and p.zero_stage == 1)
+    if not tested or p.pipeline != 1:
         raise ConfigError(
-            f"model.self_guided=true ({cfg.model.ffn_kind}) runs at parallel.zero_stage=0, train.precision=fp32, "
-            f"parallel.pipeline=1 for now, not zero_stage={p.zero_stage}, precision={t.precision}, "
-            f"pipeline={p.pipeline}; set model.self_guided=false (or model.guide_fraction=0) there")
+            f"model.self_guided=true ({cfg.model.ffn_kind}) runs at train.precision=fp32 with parallel.zero_stage=0-2 "
+            f"or bf16 with zero_stage=1, and parallel.pipeline=1, for now, not precision={t.precision}, "
+            f"zero_stage={p.zero_stage}, pipeline={p.pipeline}; set model.self_guided=false (or model.guide_fraction=0) there")
 
 
 class SelfGuidedSchedule:
@@ -84,6 +93,9 @@ class SelfGuidedSchedule:
             return self.cfg if self.guided else _without_guide(self.cfg)
         return _without_guide(self.cfg)
 
+    def alpha_after(self, completed_steps: int) -> float:
+        return alpha_after(completed_steps, self.guided, self.schedule) if self.guided else 0.0
+
     def engine_config(self, plan) -> Config:
         """The config to build the engine from for a fresh run (plan None) or a resume plan
         (checkpoint.ResumePlan)."""
@@ -95,7 +107,7 @@ class SelfGuidedSchedule:
         if self.guided == 0:
             return engine
         if step >= self.guided and has_guide(engine.module):
-            engine = drop_guide(engine, self.config_at(step), self.layout)
+            engine = drop_guide(engine, _without_guide(self.cfg), self.layout)
         set_alpha(engine.module, alpha_at(step, self.guided, self.schedule))
         return engine
 
@@ -147,15 +159,42 @@ def _transfer(old, new) -> None:
     if set(new_params) - set(old_params) or any(".guide." not in n for n in dropped):
         raise RuntimeError(f"guide removal: the models differ beyond the guides: {sorted(set(new_params) ^ set(old_params))[:4]}")
     old_opt, new_opt = old.engine.optimizer, new.engine.optimizer
+    if ds_compat.is_zero_partitioned(old_opt):
+        _transfer_partitioned(old_opt, new_opt, old_params, new_params)
+    else:
+        _transfer_per_parameter(old_opt, new_opt, old_params, new_params)
+    for g_old, g_new in zip(old_opt.param_groups, new_opt.param_groups, strict=True):
+        g_new.update({k: v for k, v in g_old.items() if k != "params"})
+    new.scheduler.load_state_dict(old.scheduler.state_dict())
+    ds_compat.copy_step_counters(old.engine, new.engine)
+
+
+def _transfer_per_parameter(old_opt, new_opt, old_params, new_params) -> None:
+    """ZeRO 0, fp32: torch's optimizer itself, its state keyed by the model's parameters."""
     for opt in (old_opt, new_opt):
         if not isinstance(opt, torch.optim.Optimizer):
-            raise RuntimeError(f"guide removal needs torch's optimizer under DeepSpeed's fp32 ZeRO-0 engine, not {type(opt).__name__}")
+            raise RuntimeError(f"guide removal at ZeRO 0 needs torch's optimizer (fp32), not {type(opt).__name__}")
     for name, p in new_params.items():
         q = old_params[name]
         p.copy_(q)
         if q in old_opt.state:
             new_opt.state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in old_opt.state[q].items()}
-    for g_old, g_new in zip(old_opt.param_groups, new_opt.param_groups, strict=True):
-        g_new.update({k: v for k, v in g_old.items() if k != "params"})
-    new.scheduler.load_state_dict(old.scheduler.state_dict())
-    ds_compat.copy_step_counters(old.engine, new.engine)
+
+
+def _transfer_partitioned(old_opt, new_opt, old_params, new_params) -> None:
+    """ZeRO 1/2 (fp32) and bf16 ZeRO 1: each rank holds a slice of a flat fp32 copy and of the
+    moments, partitioned differently once the guides are gone. DeepSpeed's safe_get/set_full_*
+    move each kept parameter's full fp32 weight and moments across (all-reduces over its
+    data-parallel group, so every rank walks the parameters in the same order); the model's
+    working copy too."""
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                                 safe_set_full_fp32_param, safe_set_full_optimizer_state)
+
+    keys = ds_compat.start_zero_optimizer_state(new_opt, old_opt)
+    for name, p in new_params.items():
+        q = old_params[name]
+        full = safe_get_full_fp32_param(q)
+        p.copy_(full.to(p.dtype))
+        safe_set_full_fp32_param(p, full)
+        for key in keys:
+            safe_set_full_optimizer_state(p, safe_get_full_optimizer_state(q, key), key)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -35,6 +35,12 @@ import yaml
 from afb_scale.config import FFN_KINDS, ConfigError, load_config, validate
 
 STUDIES = ("stability", "lr-sweep", "scaling")
+
+
+def final_model(model):
+    """The model a run ends with, whose size and FLOPs a study counts: a structured kind's
+    self-guided guide is gone by then (model/self_guided.py), so it is left out of N."""
+    return replace(model, self_guided=False) if model.structure is not None else model
 COMMON_KEYS = {"study", "base", "run_root", "overrides", "kinds", "seeds", "nproc", "threads", "divergence_margin"}
 STUDY_KEYS = {
     "stability": {"lr_multipliers"},
@@ -178,7 +184,7 @@ def load_study(study_path: str | os.PathLike) -> Study:
             raise ConfigError(f"study run {name}: {e}") from None
         from afb_scale import cost
 
-        m = cfg.model
+        m = final_model(cfg.model)
         params = cost.parameter_count(m)
         tokens_per_step = cfg.train.global_batch_size * m.seq_length
         meta = {"study": kind, "name": name, **meta, "threads": threads, "lr": cfg.train.lr, "seed": cfg.train.seed,
@@ -223,7 +229,7 @@ def load_study(study_path: str | os.PathLike) -> Study:
             size_ov = _size_overrides(size, entry, path.parent)
             for k in kinds:
                 probe = load_config(base_arg, common + size_ov + [f"model.ffn_kind={k}"])
-                m = probe.model
+                m = final_model(probe.model)
                 from afb_scale import cost
 
                 n = cost.parameter_count(m)

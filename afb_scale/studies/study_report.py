@@ -12,12 +12,16 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from afb_scale.config import ConfigError
+from afb_scale.config import STRUCTURED_FFN_KINDS, ConfigError
 from afb_scale.studies import collect, stats
 from afb_scale.studies.spec import STUDY_COPY
 
-BASE_OF = {"afb-gelu": "gelu", "afb-swiglu": "swiglu"}
-KIND_COLORS = {"gelu": "tab:blue", "afb-gelu": "tab:cyan", "swiglu": "tab:red", "afb-swiglu": "tab:orange"}
+# Each AFB and structured kind is compared with the dense FFN it modifies (paired differences,
+# FLOPs per token at the same size).
+BASE_OF = {"afb-gelu": "gelu", "afb-swiglu": "swiglu", **{k: k.split("-")[1] for k in STRUCTURED_FFN_KINDS}}
+KIND_COLORS = {"gelu": "tab:blue", "afb-gelu": "tab:cyan", "swiglu": "tab:red", "afb-swiglu": "tab:orange",
+               "lowrank-gelu": "tab:green", "blockdense-gelu": "tab:olive", "blockshuffle-gelu": "tab:purple",
+               "lowrank-swiglu": "tab:brown", "blockdense-swiglu": "tab:pink", "blockshuffle-swiglu": "tab:gray"}
 DPI = 80
 
 DEFINITIONS = """\
@@ -315,8 +319,8 @@ def _scaling(spec: dict, runs: list[dict], out: Path) -> str:
     text = (f"Sizes {', '.join(sorted({r['size'] for r in runs}, key=lambda s: min(r['fit_params'] for r in runs if r['size'] == s)))}"
             f" x kinds {', '.join(kinds)} x seeds {sorted({r['seed'] for r in runs})}; each run trains on "
             f"{ratio:g} tokens per parameter (N counts {convention}). C = training FLOPs per token "
-            "(afb_scale/cost.py: matmuls, forward x 3) x tokens; FLOPs/token vs base: an AFB kind's against "
-            "its base at the same size. Only finished, non-diverged runs enter the table and the fits.\n\n"
+            "(afb_scale/cost.py: matmuls, forward x 3) x tokens; FLOPs/token vs base: an AFB or structured kind's "
+            "against its dense base at the same size (a structured kind's without its self-guided guide). Only finished, non-diverged runs enter the table and the fits.\n\n"
             "### Runs per size\n\n"
             + _table(["size", "kind", "N", "all params", "tokens", "C (FLOPs)", "FLOPs/token vs base", "runs",
                       "final val loss [95% CI]"], size_rows)
