@@ -54,7 +54,7 @@ def megatron_scorer(src, batch_size: int, pipeline: int = 1):
     t = cfg.train
     t.precision, t.activation_checkpointing = "fp32", False  # as the one-process model
     t.micro_batch_size = batch_size
-    t.global_batch_size = batch_size * (world // (tensor * pipeline))
+    t.global_batch_size = batch_size  # one data-parallel rank: tensor x pipeline is the whole world
     layout = init_distributed(cfg.parallel, seed=t.seed)
     engine = Engine(cfg, layout, initial_weights=src.state)
     seq = cfg.model.seq_length

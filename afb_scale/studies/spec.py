@@ -36,11 +36,6 @@ from afb_scale.config import FFN_KINDS, ConfigError, load_config, validate
 
 STUDIES = ("stability", "lr-sweep", "scaling")
 
-
-def final_model(model):
-    """The model a run ends with, whose size and FLOPs a study counts: a structured kind's
-    self-guided guide is gone by then (model/self_guided.py), so it is left out of N."""
-    return replace(model, self_guided=False) if model.structure is not None else model
 COMMON_KEYS = {"study", "base", "run_root", "overrides", "kinds", "seeds", "nproc", "threads", "divergence_margin"}
 STUDY_KEYS = {
     "stability": {"lr_multipliers"},
@@ -132,6 +127,12 @@ def _need_list(spec: dict, key: str, path: Path) -> list:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"study file {str(path)!r}: {key} must be a non-empty list, not {value!r}")
     return value
+
+
+def final_model(model):
+    """The model a run ends with, whose size and FLOPs a study counts: a structured kind's
+    self-guided guide is gone by then (model/self_guided.py), so it is left out of N."""
+    return replace(model, self_guided=False) if model.structure is not None else model
 
 
 def load_study(study_path: str | os.PathLike) -> Study:
