@@ -115,8 +115,10 @@ PROBE = r"""
 import os
 import torch.distributed as dist
 dist.init_process_group("gloo")
-print(f"probe rank {dist.get_rank()}/{dist.get_world_size()} local_world_size={os.environ['LOCAL_WORLD_SIZE']} "
-      f"cvd={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+# One os.write per line: both workers share torchrun's stdout pipe, and print() may split text and
+# newline into two writes that interleave ("cvd=0,3probe rank 0/2 ..."); a write under PIPE_BUF is atomic.
+os.write(1, (f"probe rank {dist.get_rank()}/{dist.get_world_size()} local_world_size={os.environ['LOCAL_WORLD_SIZE']} "
+             f"cvd={os.environ.get('CUDA_VISIBLE_DEVICES')}\n").encode())
 dist.barrier()
 dist.destroy_process_group()
 """
