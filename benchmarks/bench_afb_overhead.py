@@ -42,17 +42,9 @@ import time
 import warnings
 
 import torch
+from malloc_cache import MALLOC_CACHE  # benchmarks/malloc_cache.py: why and what
 
 SHAPES = {"125M": (768, 12), "1.3B": (2048, 16)}  # name -> (hidden d, attention heads)
-# --malloc-cache. glibc serves each large buffer (a tokens x f activation is 8-32 MiB at the 1.3B
-# shape) with its own mmap and unmaps it when freed, so every step page-faults its activations
-# back in, one zeroed 4 KiB page at a time: measured at the 1.3B GELU shape, seq 1024, the fused
-# backward kernel took 88 ms a call inside a training step and 26 ms on reused buffers, and kernel
-# time was about a quarter of a run. AFB allocates more such buffers than its base, so this
-# CPU-only cost inflates its ratio. These settings make glibc serve everything from its heap and
-# keep freed memory for reuse (no mmap, no trim), as torch's caching allocator does on CUDA and
-# jemalloc / tcmalloc do on CPU. glibc reads them at process start, hence the re-exec.
-MALLOC_CACHE = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40), "MALLOC_TOP_PAD_": str(256 << 20)}
 TARGET, CI_TARGET = 1.05, 1.07
 
 

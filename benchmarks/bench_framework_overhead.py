@@ -18,6 +18,7 @@ issue's: 4 layers, hidden 256, 4 heads, seq 256, vocab 8192, micro batch 4, GELU
 
     PYTHONPATH=. DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py            # ~8 min on 2 cores
     ... --layouts tp1 --reps 2 --steps 40                                                     # quick look
+    ... --malloc-cache     # glibc keeps freed memory in both variants (benchmarks/malloc_cache.py)
 
 Last line: `framework_overhead_ratio=<afb_scale tokens/s / bare tokens/s>`, the lowest over the
 layouts run.
@@ -34,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from malloc_cache import MALLOC_CACHE  # benchmarks/malloc_cache.py: why and what
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {"tp1": 1, "tp2": 2}
@@ -57,9 +60,11 @@ def overrides(args, tp: int, run_dir: Path) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def torchrun(nproc: int, target: list[str], threads: int) -> str:
+def torchrun(nproc: int, target: list[str], threads: int, malloc_cache: bool) -> str:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if malloc_cache:  # both variants alike
+        env.update(MALLOC_CACHE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -77,13 +82,14 @@ def steady_tokens_per_s(stdout: str) -> float:
 def run_afb(args, tp: int, scratch: Path, rep: int) -> float:
     run_dir = scratch / f"afb-tp{tp}-{rep}"
     out = torchrun(tp, ["-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml",
-                        *overrides(args, tp, run_dir)], args.threads_per_rank)
+                        *overrides(args, tp, run_dir)], args.threads_per_rank, args.malloc_cache)
     return steady_tokens_per_s(out)
 
 
 def run_bare(args, tp: int, scratch: Path, rep: int) -> float:
     run_dir = scratch / f"bare-tp{tp}-{rep}"
-    out = torchrun(tp, [__file__, "--worker", *overrides(args, tp, run_dir)], args.threads_per_rank)
+    out = torchrun(tp, [__file__, "--worker", *overrides(args, tp, run_dir)], args.threads_per_rank,
+                   args.malloc_cache)
     return steady_tokens_per_s(out)
 
 
@@ -147,6 +153,8 @@ def parse_args():
     p.add_argument("--reps", type=int, default=3, help="alternating pairs per layout")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all, split over the ranks")
+    p.add_argument("--malloc-cache", action="store_true",
+                   help="glibc keeps freed memory for reuse in both variants' processes (see benchmarks/malloc_cache.py)")
     p.add_argument("--data", default=str(REPO / "data/default"), help="prepared built-in corpus (made if absent)")
     a = p.parse_args()
     for name in a.layouts.split(","):
@@ -186,7 +194,7 @@ def main() -> None:
     for name, a, a0, a1, b, b0, b1, r, r0, r1 in rows:
         print(f"| {name} | {a:,.0f} ({a0:,.0f}..{a1:,.0f}) | {b:,.0f} ({b0:,.0f}..{b1:,.0f}) | {r:.3f} ({r0:.3f}..{r1:.3f}) |")
     print(f"\nshapes: {SHAPE}; {args.steps} steps, windows of {LOG_INTERVAL}, {args.reps} alternating pairs, "
-          f"{args.threads} CPU threads")
+          f"{args.threads} CPU threads, malloc cache {'on' if args.malloc_cache else 'off'}")
     print(f"framework_overhead_ratio={min(r[7] for r in rows):.3f}")
 
 
