@@ -318,7 +318,9 @@ def main(argv: list[str] | None = None, callbacks=()) -> int:
     try:
         return args.func(args, callbacks) if args.func is cmd_train else args.func(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One write: every rank reports the same error, often into one shared log, and under
+        # PYTHONUNBUFFERED print() sends the text and its newline as two writes that interleave.
+        sys.stderr.write(f"error: {e}\n")
         return EXIT_BAD_INPUT
 
 
