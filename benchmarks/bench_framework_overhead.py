@@ -60,11 +60,9 @@ def overrides(args, tp: int, run_dir: Path) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def torchrun(nproc: int, target: list[str], threads: int, malloc_cache: bool) -> str:
+def torchrun(nproc: int, target: list[str], threads: int) -> str:
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    if malloc_cache:  # both variants alike
-        env.update(MALLOC_CACHE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -82,14 +80,13 @@ def steady_tokens_per_s(stdout: str) -> float:
 def run_afb(args, tp: int, scratch: Path, rep: int) -> float:
     run_dir = scratch / f"afb-tp{tp}-{rep}"
     out = torchrun(tp, ["-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml",
-                        *overrides(args, tp, run_dir)], args.threads_per_rank, args.malloc_cache)
+                        *overrides(args, tp, run_dir)], args.threads_per_rank)
     return steady_tokens_per_s(out)
 
 
 def run_bare(args, tp: int, scratch: Path, rep: int) -> float:
     run_dir = scratch / f"bare-tp{tp}-{rep}"
-    out = torchrun(tp, [__file__, "--worker", *overrides(args, tp, run_dir)], args.threads_per_rank,
-                   args.malloc_cache)
+    out = torchrun(tp, [__file__, "--worker", *overrides(args, tp, run_dir)], args.threads_per_rank)
     return steady_tokens_per_s(out)
 
 
@@ -170,6 +167,8 @@ def main() -> None:
         i = sys.argv.index("--worker")
         return bare_worker(sys.argv[i + 1:])
     args = parse_args()
+    if args.malloc_cache:  # inherited by every process torchrun starts: both variants alike
+        os.environ.update(MALLOC_CACHE)
     if not (Path(args.data) / "tokenizer.model").is_file():
         subprocess.run([sys.executable, "-m", "data_prep.default_corpus", "--out", args.data, "--no-progress"],
                        cwd=REPO, check=True)
