@@ -7,6 +7,7 @@ multi-rank test costs about a second instead of a torchrun launch per test
 
 from __future__ import annotations
 
+import io
 import os
 import socket
 import traceback
@@ -18,6 +19,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _to_bytes(result) -> bytes:
+    """Results travel as torch.save bytes, not as tensors.
+
+    torch.multiprocessing would pass a tensor as a shared-memory file descriptor fetched from the
+    child's resource-sharer socket when the parent unpickles it; a child that has already exited
+    has removed that socket, and the parent fails with FileNotFoundError (seen on CI). Bytes have
+    no such lifetime.
+    """
+    buffer = io.BytesIO()
+    import torch
+
+    torch.save(result, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _worker(rank, world_size, port, fn, args, queue):
@@ -33,7 +55,7 @@ def _worker(rank, world_size, port, fn, args, queue):
         import torch
 
         torch.set_num_threads(1)
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        queue.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # report any failure, including assertion errors, to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -63,7 +85,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300.0, start_method: 
         for _ in procs:
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = _from_bytes(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break
