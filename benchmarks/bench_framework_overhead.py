@@ -2,7 +2,7 @@
 
 Both train the same megatron-core GPTModel (built from the same layer spec, same seed) on real
 batches of the same prepared dataset, with the same process count, one after the other in
-alternation (afb, bare, afb, bare, ...):
+alternation, the order flipped every pair (afb, bare, bare, afb, ...):
 
 - afb_scale: the real command, `torchrun -m afb_scale.cli train` (DeepSpeed engine, LR
   schedule, gradient clipping, non-finite and preemption checks, metrics.jsonl, TensorBoard,
@@ -179,8 +179,14 @@ def main() -> None:
             args.threads_per_rank = max(1, args.threads // tp)
             afb, bare = [], []
             for rep in range(args.reps):
-                afb.append(run_afb(args, tp, Path(tmp), rep))
-                bare.append(run_bare(args, tp, Path(tmp), rep))
+                # Alternate which variant runs first: a machine that speeds up or slows down over
+                # minutes would otherwise always favour the second of each pair.
+                if rep % 2 == 0:
+                    afb.append(run_afb(args, tp, Path(tmp), rep))
+                    bare.append(run_bare(args, tp, Path(tmp), rep))
+                else:
+                    bare.append(run_bare(args, tp, Path(tmp), rep))
+                    afb.append(run_afb(args, tp, Path(tmp), rep))
                 print(f"  {name} rep {rep + 1}/{args.reps}: afb_scale {afb[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f}",
                       flush=True)
             ratios = [a / b for a, b in zip(afb, bare)]
