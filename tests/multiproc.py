@@ -12,6 +12,7 @@ import os
 import socket
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 
@@ -30,15 +31,11 @@ def _to_bytes(result) -> bytes:
     no such lifetime.
     """
     buffer = io.BytesIO()
-    import torch
-
     torch.save(result, buffer)
     return buffer.getvalue()
 
 
 def _from_bytes(data: bytes):
-    import torch
-
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
@@ -52,8 +49,6 @@ def _worker(rank, world_size, port, fn, args, queue):
         LOCAL_WORLD_SIZE=str(world_size),
     )
     try:
-        import torch
-
         torch.set_num_threads(1)
         queue.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # report any failure, including assertion errors, to the parent

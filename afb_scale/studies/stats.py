@@ -125,8 +125,9 @@ def _linear_given_alpha(x: np.ndarray, y: np.ndarray, alpha) -> tuple[np.ndarray
 
 def fit_power_law(n, loss, alpha_range: tuple[float, float] = (1e-3, 3.0)) -> PowerLaw:
     """Fit L = E + A N^-alpha by least squares in L: E and A are linear given alpha (variable
-    projection), alpha is found on a log grid and refined on ever finer grids around the best one. N is scaled
-    by its geometric mean first, so A is well conditioned; the returned A is for unscaled N."""
+    projection), alpha is found on a log grid and refined on ever finer grids around the best
+    one. N is scaled by its geometric mean first, so A is well conditioned; the returned A is for
+    unscaled N."""
     x = np.asarray(n, dtype=float)
     y = np.asarray(loss, dtype=float)
     if x.size < 3 or np.unique(x).size < 3:
@@ -137,7 +138,7 @@ def fit_power_law(n, loss, alpha_range: tuple[float, float] = (1e-3, 3.0)) -> Po
     for _ in range(5):  # zoom into the bracket around the best alpha: each round narrows it ~30x
         i = int(np.argmin(_linear_given_alpha(xs, y, grid)[2]))
         grid = np.linspace(grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)], 65)
-    alpha = float(grid[32])
+    alpha = float(grid[grid.size // 2])  # the middle of the last bracket
     E, A, _ = _linear_given_alpha(xs, y, alpha)
     return PowerLaw(float(E[0]), float(A[0]) * scale ** alpha, alpha)
 
