@@ -1,34 +1,41 @@
 """The training framework's overhead: `afb-scale train` against a bare megatron-core loop.
 
-Both train the same megatron-core GPTModel (built from the same layer spec, same seed) on real
-batches of the same prepared dataset, with the same process count, one after the other in
-alternation, the order flipped every pair (afb, bare, bare, afb, ...):
+Both loops run in the same processes, in alternating windows of 10 steps, so that the machine's
+speed -- which on a shared host drifts by 20-30% over minutes -- is the same for the two halves of
+every pair:
 
-- afb_scale: the real command, `torchrun -m afb_scale.cli train` (DeepSpeed engine, LR
-  schedule, gradient clipping, non-finite and preemption checks, metrics.jsonl, TensorBoard,
-  stdout progress, a checkpoint at the end -- everything a run does).
-- bare: this file as a torchrun worker: megatron-core's parallel_state, the GPTModel,
-  torch.optim.AdamW, forward / backward / gradient clipping to train.clip_grad / step / LR
-  schedule (the same training math; clipping's norm is local here, not summed over TP), the
-  loss read back every log interval.
+- afb_scale: the real command, `afb_scale.cli.main(["train", ...])` under torchrun (DeepSpeed
+  engine, LR schedule, gradient clipping, the non-finite and preemption all-reduce,
+  metrics.jsonl, TensorBoard, the stdout progress line and its memory collective -- everything a
+  step does). Its windows are measured from a `trainer.Callback`, the hook point the Trainer
+  offers any user: `on_step_begin` of every 10th step closes an afb_scale window and runs the
+  bare windows due.
+- bare: written here: a megatron-core GPTModel from the same layer spec, seed and shapes,
+  torch.optim.AdamW with the same parameter groups, forward / backward / gradient clipping to
+  train.clip_grad / step / the same LR schedule (clipping's norm is local here, not summed over
+  TP), its batches built inline from the same prepared dataset, the loss read back once a window.
 
-Throughput is the median of the logged windows' tokens/s (10 steps each, the first window --
-compilation and warm-up -- dropped) per run, then the median over the reps. Default shapes are the
-issue's: 4 layers, hidden 256, 4 heads, seq 256, vocab 8192, micro batch 4, GELU, fp32.
+Window order alternates (afb, bare, bare, afb, afb, bare, ...) and pair i is windows 2i, 2i+1,
+so a speed trend within a pair favours each side equally often. Statistic per layout: the
+per-pair ratio afb_scale tokens/s / bare tokens/s, its median, a bootstrap 95% CI of that median
+and min..max. One afb_scale window holds one progress line (log_interval 10), as in a real run;
+evaluation and checkpoints are set beyond the run, as their cost is not per step.
+An earlier version compared whole `afb-scale train` runs with whole bare runs one after the
+other; the pair ratios then spread from 0.77 to 1.12 on a noisy day and could not decide 3%.
 
-    PYTHONPATH=. DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py            # ~8 min on 2 cores
-    ... --layouts tp1 --reps 2 --steps 40                                                     # quick look
-    ... --malloc-cache     # glibc keeps freed memory in both variants (benchmarks/malloc_cache.py)
+    DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py --malloc-cache   # ~8 min on 2 cores
+    ... --layouts tp1 --reps 4                                                       # quick look
 
-Last line: `framework_overhead_ratio=<afb_scale tokens/s / bare tokens/s>`, the lowest over the
-layouts run.
+Last line: `framework_overhead_ratio=<median pair ratio>`, the lowest over the layouts run.
+Defaults are the issue's shape: 4 layers, hidden 256, 4 heads, seq 256, vocab 8192, micro batch 4,
+GELU, fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_afb_overhead import bootstrap_median_ci
 from malloc_cache import MALLOC_CACHE  # benchmarks/malloc_cache.py: why and what
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,16 +51,26 @@ LAYOUTS = {"tp1": 1, "tp2": 2}
 SHAPE = {"model.num_layers": 4, "model.hidden_size": 256, "model.num_attention_heads": 4,
          "model.seq_length": 256, "model.vocab_size": 8192, "model.ffn_kind": "gelu",
          "train.micro_batch_size": 4, "train.global_batch_size": 4, "train.precision": "fp32"}
-LOG_INTERVAL = 10
-TOKENS_PER_S = re.compile(r"\|\s*([\d,]+) tokens/s")
+WINDOW = 10  # steps per window, = train.log_interval
+WARMUP_WINDOWS = 2  # per variant, untimed
+RESULT = "bench-result "  # rank 0's stdout line with the window timings
+
+
+def schedule(pairs: int) -> list[str]:
+    """afb, bare, bare, afb, afb, bare, ...: pair i is windows (2i, 2i+1), its order alternating."""
+    out = []
+    for i in range(pairs):
+        out += ["afb", "bare"] if i % 2 == 0 else ["bare", "afb"]
+    return out
 
 
 def overrides(args, tp: int, run_dir: Path) -> list[str]:
     data = Path(args.data)
+    steps = (WARMUP_WINDOWS + args.reps) * WINDOW + 1  # the last step only closes the last window
     o = dict(SHAPE)
     o.update({"parallel.tensor": tp, "parallel.pipeline": 1, "parallel.zero_stage": 0,
-              "train.steps": args.steps, "train.warmup_steps": 5, "train.log_interval": LOG_INTERVAL,
-              "train.eval_interval": 10 * args.steps, "train.eval_iters": 1, "train.save_interval": 10 * args.steps,
+              "train.steps": steps, "train.warmup_steps": 5, "train.log_interval": WINDOW,
+              "train.eval_interval": 10 * steps, "train.eval_iters": 1, "train.save_interval": 10 * steps,
               "train.run_dir": str(run_dir), "metrics.layer_metrics_interval": 0,
               "data.tokenizer": str(data / "tokenizer.model"),
               "data.datasets": f"[{{prefix: {data / 'stdlib_text_document'}, weight: 1.0}}]",
@@ -60,148 +78,160 @@ def overrides(args, tp: int, run_dir: Path) -> list[str]:
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def torchrun(nproc: int, target: list[str], threads: int) -> str:
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {' '.join(cmd[:8])} ... failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    return proc.stdout
-
-
-def steady_tokens_per_s(stdout: str) -> float:
-    windows = [float(m.group(1).replace(",", "")) for m in TOKENS_PER_S.finditer(stdout)]
-    if len(windows) < 3:
-        sys.exit(f"error: expected >= 3 logged windows, got {len(windows)}:\n{stdout[-2000:]}")
-    return statistics.median(windows[1:])
-
-
-def run_afb(args, tp: int, scratch: Path, rep: int) -> float:
-    run_dir = scratch / f"afb-tp{tp}-{rep}"
-    out = torchrun(tp, ["-m", "afb_scale.cli", "train", "--config", "configs/quickstart.yaml",
-                        *overrides(args, tp, run_dir)], args.threads_per_rank)
-    return steady_tokens_per_s(out)
-
-
-def run_bare(args, tp: int, scratch: Path, rep: int) -> float:
-    run_dir = scratch / f"bare-tp{tp}-{rep}"
-    out = torchrun(tp, [__file__, "--worker", *overrides(args, tp, run_dir)], args.threads_per_rank)
-    return steady_tokens_per_s(out)
-
-
 # ----------------------------------------------------------------------------------------------
-# The bare loop (a torchrun worker)
+# The worker (every rank, under torchrun)
 
 
-def bare_worker(override_args: list[str]) -> None:
-    import torch
+class BareLoop:
+    """The bare megatron-core loop, built once the Trainer has set up megatron's parallel state."""
+
+    def __init__(self, cfg, dataset):
+        import torch
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
+        from afb_scale.training.engine import lr_at, param_groups
+
+        t = cfg.train
+        self.torch, self.cross_entropy, self.position_ids_for = torch, vocab_parallel_cross_entropy, position_ids_for
+        self.cfg, self.dataset, self.sample = cfg, dataset, 0
+        self.model = build_gpt_model(cfg.model, cfg.parallel, "fp32", t.seed)
+        self.opt = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
+                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_at(s, cfg) / t.lr)
+        self.mask = causal_attention_mask(cfg.model.seq_length)
+
+    def window(self) -> float:
+        """WINDOW steps; returns the loss of the last (read back once, as a loop that logs would)."""
+        torch, mb = self.torch, self.cfg.train.micro_batch_size
+        for _ in range(WINDOW):
+            samples = [self.dataset[i] for i in range(self.sample, self.sample + mb)]
+            self.sample += mb
+            tokens, labels, loss_mask = (torch.stack([torch.as_tensor(s[k]) for s in samples])
+                                         for k in ("tokens", "labels", "loss_mask"))
+            logits = self.model(tokens, self.position_ids_for(tokens), self.mask)  # [b, s, v / TP]
+            losses = self.cross_entropy(logits.float(), labels)
+            loss = (losses * loss_mask).sum() / loss_mask.sum()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def worker(argv: list[str]) -> int:
     import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    from afb_scale.compat import megatron as megatron_compat
-    from afb_scale.config import load_config
-    from afb_scale.data.datasets import build_datasets, samples_needed
-    from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
-    from afb_scale.training.engine import lr_at
+    from afb_scale import cli
+    from afb_scale.training.trainer import Callback
 
-    megatron_compat.apply()
-    cfg = load_config(str(REPO / "configs/quickstart.yaml"), override_args)
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=cfg.parallel.tensor)
-    torch.manual_seed(cfg.train.seed)
-    model = build_gpt_model(cfg.model, cfg.parallel, "fp32", cfg.train.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, cfg) / cfg.train.lr)
-    train_ds, _, _ = build_datasets(cfg, samples_needed(cfg))
-    mask = causal_attention_mask(cfg.model.seq_length)
-    mb = cfg.train.micro_batch_size
-    window_start, tokens_per_step = time.perf_counter(), mb * cfg.model.seq_length
-    for step in range(1, cfg.train.steps + 1):
-        samples = [train_ds[i] for i in range((step - 1) * mb, step * mb)]
-        tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples])
-        labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples])
-        loss_mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples])
-        logits = model(tokens, position_ids_for(tokens), mask)  # [b, s, v / TP]
-        losses = vocab_parallel_cross_entropy(logits.float(), labels)
-        loss = (losses * loss_mask).sum() / loss_mask.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_grad)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % LOG_INTERVAL == 0:
-            value = loss.item()
-            now = time.perf_counter()
-            if dist.get_rank() == 0:
-                print(f"step {step} | loss {value:.4f} | {tokens_per_step * LOG_INTERVAL / (now - window_start):,.0f} "
-                      "tokens/s", flush=True)
-            window_start = time.perf_counter()
-    dist.destroy_process_group()
+    pairs, config_overrides = int(argv[0]), argv[1:]
+
+    class Interleave(Callback):
+        """Times afb_scale's windows and runs the bare windows between them."""
+
+        def __init__(self):
+            self.todo = schedule(pairs)
+            self.seconds = {"afb": [], "bare": []}
+            self.bare = self.started = None
+
+        def on_start(self, trainer):
+            self.bare = BareLoop(trainer.cfg, trainer.batches.dataset)
+            for _ in range(WARMUP_WINDOWS):
+                self.bare.window()
+
+        def on_step_begin(self, trainer):
+            if trainer.step % WINDOW or trainer.step < WARMUP_WINDOWS * WINDOW:
+                return
+            if self.started is not None:  # an afb_scale window ends here
+                self.seconds["afb"].append(time.perf_counter() - self.started)
+                self.todo.pop(0)
+            while self.todo and self.todo[0] == "bare":
+                dist.barrier()  # both loops start their windows with every rank here
+                t0 = time.perf_counter()
+                self.bare.window()
+                self.seconds["bare"].append(time.perf_counter() - t0)
+                self.todo.pop(0)
+            dist.barrier()
+            self.started = time.perf_counter() if self.todo else None
+
+    timer = Interleave()
+    status = cli.main(["train", "--config", str(REPO / "configs/quickstart.yaml"), *config_overrides],
+                      callbacks=[timer])
+    if status == 0 and dist.get_rank() == 0:
+        print(RESULT + json.dumps(timer.seconds), flush=True)
+    return status
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def run_layout(args, tp: int, scratch: Path) -> dict[str, list[float]]:
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'benchmarks'}{os.pathsep}"
+               f"{os.environ.get('PYTHONPATH', '')}", DS_ACCELERATOR="cpu",
+               OMP_NUM_THREADS=str(max(1, args.threads // tp)), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={tp}", __file__,
+           "--worker", str(args.reps), *overrides(args, tp, scratch / f"tp{tp}")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"error: the tp{tp} worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len(RESULT):])
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", default="tp1,tp2", help="comma-separated: tp1, tp2")
-    p.add_argument("--reps", type=int, default=3, help="alternating pairs per layout")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--reps", type=int, default=30, help="pairs of 10-step windows per layout")
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all, split over the ranks")
     p.add_argument("--malloc-cache", action="store_true",
-                   help="glibc keeps freed memory for reuse in both variants' processes (see benchmarks/malloc_cache.py)")
+                   help="glibc keeps freed memory for reuse (see benchmarks/malloc_cache.py)")
     p.add_argument("--data", default=str(REPO / "data/default"), help="prepared built-in corpus (made if absent)")
     a = p.parse_args()
     for name in a.layouts.split(","):
         if name not in LAYOUTS:
             p.error(f"--layouts: {name!r} is not one of {', '.join(LAYOUTS)}")
-    if a.steps < 4 * LOG_INTERVAL:
-        p.error(f"--steps={a.steps} must be >= {4 * LOG_INTERVAL} (three measured windows after the first)")
+    if a.reps < 2:
+        p.error(f"--reps={a.reps} must be >= 2 (one pair in each order)")
     return a
 
 
-def main() -> None:
+def main() -> int:
     if "--worker" in sys.argv:
-        i = sys.argv.index("--worker")
-        return bare_worker(sys.argv[i + 1:])
+        return worker(sys.argv[sys.argv.index("--worker") + 1:])
     args = parse_args()
-    if args.malloc_cache:  # inherited by every process torchrun starts: both variants alike
+    if args.malloc_cache:  # inherited by the ranks torchrun starts
         os.environ.update(MALLOC_CACHE)
     if not (Path(args.data) / "tokenizer.model").is_file():
         subprocess.run([sys.executable, "-m", "data_prep.default_corpus", "--out", args.data, "--no-progress"],
                        cwd=REPO, check=True)
+    tokens_per_window = WINDOW * SHAPE["train.global_batch_size"] * SHAPE["model.seq_length"]
+    print(f"# afb-scale train vs a bare megatron-core loop, in one run: {args.reps} pairs of {WINDOW}-step windows "
+          f"per layout, {args.threads} threads, malloc cache {'on' if args.malloc_cache else 'off'}, load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="afb_overhead_") as tmp:
         for name in args.layouts.split(","):
-            tp = LAYOUTS[name]
-            args.threads_per_rank = max(1, args.threads // tp)
-            afb, bare = [], []
-            for rep in range(args.reps):
-                # Alternate which variant runs first: a machine that speeds up or slows down over
-                # minutes would otherwise always favour the second of each pair.
-                if rep % 2 == 0:
-                    afb.append(run_afb(args, tp, Path(tmp), rep))
-                    bare.append(run_bare(args, tp, Path(tmp), rep))
-                else:
-                    bare.append(run_bare(args, tp, Path(tmp), rep))
-                    afb.append(run_afb(args, tp, Path(tmp), rep))
-                print(f"  {name} rep {rep + 1}/{args.reps}: afb_scale {afb[-1]:,.0f} tokens/s, bare {bare[-1]:,.0f}",
-                      flush=True)
+            t0 = time.perf_counter()
+            seconds = run_layout(args, LAYOUTS[name], Path(tmp))
+            afb, bare = ([tokens_per_window / s for s in seconds[k]] for k in ("afb", "bare"))
             ratios = [a / b for a, b in zip(afb, bare)]
-            rows.append((name, statistics.median(afb), min(afb), max(afb), statistics.median(bare), min(bare),
-                         max(bare), statistics.median(ratios), min(ratios), max(ratios)))
+            lo, hi = bootstrap_median_ci(ratios, seed=0)
+            rows.append((name, afb, bare, ratios, lo, hi))
+            print(f"  {name}: {len(ratios)} pairs in {time.perf_counter() - t0:.0f} s", flush=True)
+    span = lambda xs: f"{statistics.median(xs):,.0f} ({min(xs):,.0f}..{max(xs):,.0f})"  # noqa: E731
     print()
     print("| layout | afb_scale tokens/s (median, min..max) | bare tokens/s (median, min..max) "
-          "| ratio (median of pairs, min..max) |")
-    print("|---|---|---|---|")
-    for name, a, a0, a1, b, b0, b1, r, r0, r1 in rows:
-        print(f"| {name} | {a:,.0f} ({a0:,.0f}..{a1:,.0f}) | {b:,.0f} ({b0:,.0f}..{b1:,.0f}) | {r:.3f} ({r0:.3f}..{r1:.3f}) |")
-    print(f"\nshapes: {SHAPE}; {args.steps} steps, windows of {LOG_INTERVAL}, {args.reps} alternating pairs, "
-          f"{args.threads} CPU threads, malloc cache {'on' if args.malloc_cache else 'off'}")
-    print(f"framework_overhead_ratio={min(r[7] for r in rows):.3f}")
+          "| ratio, median of pairs | 95% CI | min..max |")
+    print("|---|---|---|---|---|---|")
+    for name, afb, bare, ratios, lo, hi in rows:
+        print(f"| {name} | {span(afb)} | {span(bare)} | {statistics.median(ratios):.3f} | {lo:.3f}..{hi:.3f} "
+              f"| {min(ratios):.3f}..{max(ratios):.3f} |")
+    print(f"\nLoad average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}. Target: ratio >= 0.97.")
+    print(f"framework_overhead_ratio={min(statistics.median(r[3]) for r in rows):.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
