@@ -12,8 +12,10 @@ every pair:
   bare windows due.
 - bare: written here: a megatron-core GPTModel from the same layer spec, seed and shapes,
   torch.optim.AdamW with the same parameter groups, forward / backward / gradient clipping to
-  train.clip_grad / step / the same LR schedule (clipping's norm is local here, not summed over
-  TP), its batches built inline from the same prepared dataset, the loss read back once a window.
+  train.clip_grad / step / the same LR schedule, its batches built inline from the same prepared
+  dataset, the loss read back once a window. Its clipping norm is summed over TP by megatron's
+  rule (each TP-duplicated parameter counted once), as any TP loop must for the update not to
+  depend on the layout: one all-reduce per step at TP=2, which afb_scale's clipping pays too.
 
 Window order alternates (afb, bare, bare, afb, afb, bare, ...) and pair i is windows 2i, 2i+1,
 so a speed trend within a pair favours each side equally often. Statistic per layout: the
@@ -87,7 +89,8 @@ class BareLoop:
 
     def __init__(self, cfg, dataset):
         import torch
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        from megatron.core import parallel_state
+        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate, vocab_parallel_cross_entropy
 
         from afb_scale.model.gpt import build_gpt_model, causal_attention_mask, position_ids_for
         from afb_scale.training.engine import lr_at, param_groups
@@ -100,6 +103,17 @@ class BareLoop:
                                      betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_at(s, cfg) / t.lr)
         self.mask = causal_attention_mask(cfg.model.seq_length)
+        self.params = list(self.model.parameters())
+        self.unique = [p for p in self.params if param_is_not_tensor_parallel_duplicate(p)]
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def clip(self) -> None:
+        """clip_grad_norm_ with the norm over the whole model: squares summed over TP."""
+        torch, dist = self.torch, self.torch.distributed
+        local = torch.nn.utils.get_total_norm([p.grad for p in self.unique if p.grad is not None], norm_type=2.0, foreach=True)
+        total = local.pow(2)
+        dist.all_reduce(total, group=self.tp_group)
+        torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.train.clip_grad, total.sqrt(), foreach=True)
 
     def window(self) -> float:
         """WINDOW steps; returns the loss of the last (read back once, as a loop that logs would)."""
@@ -113,7 +127,7 @@ class BareLoop:
             losses = self.cross_entropy(logits.float(), labels)
             loss = (losses * loss_mask).sum() / loss_mask.sum()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.clip_grad)
+            self.clip()
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
