@@ -25,7 +25,7 @@ evaluation and checkpoints are set beyond the run, as their cost is not per step
 An earlier version compared whole `afb-scale train` runs with whole bare runs one after the
 other; the pair ratios then spread from 0.77 to 1.12 on a noisy day and could not decide 3%.
 
-    DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py --malloc-cache   # ~8 min on 2 cores
+    DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py --malloc-cache   # ~9 min on 2 cores
     ... --layouts tp1 --reps 4                                                       # quick look
 
 Last line: `framework_overhead_ratio=<median pair ratio>`, the lowest over the layouts run.
