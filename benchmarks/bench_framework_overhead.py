@@ -110,7 +110,8 @@ class BareLoop:
     def clip(self) -> None:
         """clip_grad_norm_ with the norm over the whole model: squares summed over TP."""
         torch, dist = self.torch, self.torch.distributed
-        local = torch.nn.utils.get_total_norm([p.grad for p in self.unique if p.grad is not None], norm_type=2.0, foreach=True)
+        grads = [p.grad for p in self.unique if p.grad is not None]
+        local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         total = local.pow(2)
         dist.all_reduce(total, group=self.tp_group)
         torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.train.clip_grad, total.sqrt(), foreach=True)
