@@ -1,36 +1,40 @@
 """The training framework's overhead: `afb-scale train` against a bare megatron-core loop.
 
 Both loops run in the same processes, in alternating windows of 10 steps, so that the machine's
-speed -- which on a shared host drifts by 20-30% over minutes -- is the same for the two halves of
-every pair:
+speed -- which on a shared host drifts by 20-30% over minutes -- is nearly the same for the two
+halves of every pair:
 
 - afb_scale: the real command, `afb_scale.cli.main(["train", ...])` under torchrun (DeepSpeed
   engine, LR schedule, gradient clipping, the non-finite and preemption all-reduce,
   metrics.jsonl, TensorBoard, the stdout progress line and its memory collective -- everything a
-  step does). Its windows are measured from a `trainer.Callback`, the hook point the Trainer
-  offers any user: `on_step_begin` of every 10th step closes an afb_scale window and runs the
-  bare windows due.
+  step does), with evaluation and checkpoints set beyond the run (their cost is not per step)
+  and the layer metrics off. Its windows are measured from a `trainer.Callback`, the hook point
+  the Trainer offers any user: `on_step_begin` of every 10th step closes an afb_scale window and
+  runs the bare windows due.
 - bare: written here: a megatron-core GPTModel from the same layer spec, seed and shapes,
   torch.optim.AdamW with the same parameter groups, forward / backward / gradient clipping to
   train.clip_grad / step / the same LR schedule, its batches built inline from the same prepared
-  dataset, the loss read back once a window. Its clipping norm is summed over TP by megatron's
-  rule (each TP-duplicated parameter counted once), as any TP loop must for the update not to
-  depend on the layout: one all-reduce per step at TP=2, which afb_scale's clipping pays too.
+  dataset, the loss read back once a window. Clipping does what afb_scale's does: the norm summed
+  over TP by megatron's rule (each TP-duplicated parameter counted once; one all-reduce per step
+  at TP=2, as any TP loop needs for the update not to depend on the layout), and no multiply
+  when the norm is under the limit. The loss differs in one way: afb_scale's loss module takes
+  megatron's [b, s, v] logits back to [s, b, v] (a copy forward and backward); the bare loop
+  computes on [b, s, v] directly.
 
 Window order alternates (afb, bare, bare, afb, afb, bare, ...) and pair i is windows 2i, 2i+1,
 so a speed trend within a pair favours each side equally often. Statistic per layout: the
 per-pair ratio afb_scale tokens/s / bare tokens/s, its median, a bootstrap 95% CI of that median
-and min..max. One afb_scale window holds one progress line (log_interval 10), as in a real run;
-evaluation and checkpoints are set beyond the run, as their cost is not per step.
-An earlier version compared whole `afb-scale train` runs with whole bare runs one after the
-other; the pair ratios then spread from 0.77 to 1.12 on a noisy day and could not decide 3%.
+and min..max. One afb_scale window holds one progress line (log_interval 10), as in a real run.
+(TensorBoard's writer thread may write that line's scalars during the next bare window: a few
+hundred bytes.) An earlier version compared whole `afb-scale train` runs with whole bare runs one
+after the other; the pair ratios then spread from 0.77 to 1.12 on a noisy day and could not
+decide 3%.
 
-    DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py --malloc-cache   # ~9 min on 2 cores
+    DS_ACCELERATOR=cpu python benchmarks/bench_framework_overhead.py --malloc-cache   # 9-11 min on 2 cores
     ... --layouts tp1 --reps 4                                                       # quick look
 
 Last line: `framework_overhead_ratio=<median pair ratio>`, the lowest over the layouts run.
-Defaults are the issue's shape: 4 layers, hidden 256, 4 heads, seq 256, vocab 8192, micro batch 4,
-GELU, fp32.
+Default shape: 4 layers, hidden 256, 4 heads, seq 256, vocab 8192, micro batch 4, GELU FFN, fp32.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ def schedule(pairs: int) -> list[str]:
 
 def overrides(args, tp: int, run_dir: Path) -> list[str]:
     data = Path(args.data)
-    steps = (WARMUP_WINDOWS + args.reps) * WINDOW + 1  # the last step only closes the last window
+    # + 1: the last window closes at on_step_begin of that step, which itself runs untimed
+    steps = (WARMUP_WINDOWS + args.reps) * WINDOW + 1
     o = dict(SHAPE)
     o.update({"parallel.tensor": tp, "parallel.pipeline": 1, "parallel.zero_stage": 0,
               "train.steps": steps, "train.warmup_steps": 5, "train.log_interval": WINDOW,
@@ -108,13 +113,15 @@ class BareLoop:
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
 
     def clip(self) -> None:
-        """clip_grad_norm_ with the norm over the whole model: squares summed over TP."""
+        """clip_grad_norm_ with the norm over the whole model (squares summed over TP)."""
         torch, dist = self.torch, self.torch.distributed
         grads = [p.grad for p in self.unique if p.grad is not None]
         local = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
         total = local.pow(2)
         dist.all_reduce(total, group=self.tp_group)
-        torch.nn.utils.clip_grads_with_norm_(self.params, self.cfg.train.clip_grad, total.sqrt(), foreach=True)
+        norm, max_norm = total.sqrt(), self.cfg.train.clip_grad
+        if float(norm) + 1e-6 > max_norm:  # as afb_scale: no multiply by 1.0 (compat/deepspeed.py)
+            torch.nn.utils.clip_grads_with_norm_(self.params, max_norm, norm, foreach=True)
 
     def window(self) -> float:
         """WINDOW steps; returns the loss of the last (read back once, as a loop that logs would)."""
@@ -161,7 +168,7 @@ def worker(argv: list[str]) -> int:
                 return
             if self.started is not None:  # an afb_scale window ends here
                 self.seconds["afb"].append(time.perf_counter() - self.started)
-                self.todo.pop(0)
+                assert self.todo.pop(0) == "afb"
             while self.todo and self.todo[0] == "bare":
                 dist.barrier()  # both loops start their windows with every rank here
                 t0 = time.perf_counter()
