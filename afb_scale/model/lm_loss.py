@@ -34,7 +34,7 @@ def vocab_parallel_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 class LMLoss:
-    """Masked mean cross-entropy over megatron-layout logits [s, b, v/t]; labels [b, s].
+    """Masked mean cross-entropy over megatron-layout logits [s, b, v/t] (storage either way); labels [b, s].
 
     When `track_accuracy` is set it also counts argmax hits (for validation), which the
     pipeline engine cannot return beside the loss.
@@ -50,10 +50,17 @@ class LMLoss:
 
     def __call__(self, logits: torch.Tensor, labels_and_mask) -> torch.Tensor:
         labels, loss_mask = labels_and_mask
-        labels_sb = labels.transpose(0, 1).contiguous()
-        per_token = vocab_parallel_cross_entropy(logits.float().contiguous(), labels_sb).transpose(0, 1)
+        # The logits are the step's largest activation, so they are never copied: the cross-
+        # entropy runs in the layout they are stored in. GPTWithLoss hands over megatron
+        # GPTModel's batch-first [b, s, v] output as an [s, b, v] view; the pipeline's last stage
+        # hands over [s, b, v] storage. The labels (b x s integers) follow the logits instead.
+        if logits.transpose(0, 1).is_contiguous():
+            logits = logits.transpose(0, 1)  # [b, s, v/t], as stored; labels and mask are [b, s]
+        else:
+            logits, labels, loss_mask = logits.contiguous(), labels.t().contiguous(), loss_mask.t()
+        per_token = vocab_parallel_cross_entropy(logits.float(), labels)
         if self.track_accuracy:
-            hits = vocab_parallel_correct(logits, labels_sb).transpose(0, 1)
+            hits = vocab_parallel_correct(logits, labels)
             m = loss_mask.bool()
             self.correct += float(hits[m].sum())
             self.counted += float(m.sum())
