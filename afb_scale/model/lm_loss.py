@@ -58,10 +58,10 @@ class LMLoss:
             logits = logits.transpose(0, 1)  # [b, s, v/t], as stored; labels and mask are [b, s]
         else:
             logits, labels, loss_mask = logits.contiguous(), labels.t().contiguous(), loss_mask.t()
-        per_token = vocab_parallel_cross_entropy(logits.float(), labels)
-        if self.track_accuracy:
+        if self.track_accuracy:  # first: megatron's cross-entropy overwrites fp32 logits with their softmax
             hits = vocab_parallel_correct(logits, labels)
             m = loss_mask.bool()
             self.correct += float(hits[m].sum())
             self.counted += float(m.sum())
+        per_token = vocab_parallel_cross_entropy(logits.float(), labels)
         return masked_mean(per_token, loss_mask)
