@@ -17,9 +17,8 @@ halves of every pair:
   dataset, the loss read back once a window. Clipping does what afb_scale's does: the norm summed
   over TP by megatron's rule (each TP-duplicated parameter counted once; one all-reduce per step
   at TP=2, as any TP loop needs for the update not to depend on the layout), and no multiply
-  when the norm is under the limit. The loss differs in one way: afb_scale's loss module takes
-  megatron's [b, s, v] logits back to [s, b, v] (a copy forward and backward); the bare loop
-  computes on [b, s, v] directly.
+  when the norm is under the limit. Both take the cross-entropy on megatron's [b, s, v] logits
+  where they lie, without a copy.
 
 Window order alternates (afb, bare, bare, afb, afb, bare, ...) and pair i is windows 2i, 2i+1,
 so a speed trend within a pair favours each side equally often. Statistic per layout: the
