@@ -312,7 +312,8 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
         per_token += 4 * h / t * e + heads * s * (4 + (e if e < 4 else 0))
     base = "swiglu" if model.is_gated else "gelu"
     mlp = {"gelu": 2, "swiglu": 5, "afb-gelu": 6, "afb-swiglu": 8}[model.ffn_kind if model.structure is None else base]
-    if model.is_afb and model.afb_fused != "off" and layout.zero_stage != 3:
+    fused_afb = model.is_afb and model.afb_fused != "off" and layout.zero_stage != 3
+    if fused_afb:
         # The fused op (model/afb_fused.py) keeps only its inputs: fc1's output(s) and, for fc2,
         # the activation a -- gelu 2, swiglu 3 per f/t (ZeRO-3 runs the unfused path).
         mlp = {"afb-gelu": 2, "afb-swiglu": 3}[model.ffn_kind]
@@ -326,7 +327,9 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
         inner = size.rank if size.rank else min(h, f)
         per_token += 2 * inner * e
     if model.is_afb:
-        per_token += 2 * r * e * tok_sp
+        # V h and z: megatron's parallel linears keep their sequence shards; the fused op, which
+        # all-reduces V h instead of reduce-scattering it, keeps them for every token.
+        per_token += 2 * r * e * (1 if fused_afb else tok_sp)
     if model.hidden_dropout > 0:
         per_token += 2 * a  # bool masks of the two bias-dropout-adds
     return per_token * layout.micro_batch * s

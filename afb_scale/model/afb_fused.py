@@ -1,19 +1,20 @@
-"""The AFB hidden-unit path as one fused autograd op that recomputes in backward.
+"""AFB-FFN's feedback path as one fused autograd op that recomputes in backward.
 
-    a = 2 sigmoid(gl) * act(h + db)          act = gelu, or SwiGLU's silu(.) * u
+    z = gelu(V h + c),   [db; gl] = [Ub; Ug] z,   a = 2 sigmoid(gl) * act(h + db)
 
-is `afb.feedback_hidden` (the readable statement, which this module calls for its forward).
-Written as plain torch ops under autograd, that chain materialises six tokens x f tensors in
-forward (h + db, gelu, sigmoid, 2 s, their product, ...) and keeps four of them for backward;
-each is a full pass over memory, and on CPU each fresh tokens x f buffer is also page faults.
-`FusedFeedbackHidden` (which also holds the [Ub; Ug] write GEMM) instead keeps only its inputs
-(h, u, the feedback z, the write weight), recomputes [db; gl] = z W^T and every gradient from
-them in backward, so with `torch.compile` the elementwise part is one loop each way (inductor's
-C++ backend on CPU, Triton on GPU) and the layer keeps the base FFN's tensors plus O(r).
+(act = gelu, or SwiGLU's silu(.) * u; the last step is `afb.feedback_hidden`, the readable
+statement, which this module calls for its forward). Written as plain torch ops under autograd,
+the hidden-unit chain materialises six tokens x f tensors in forward (h + db, gelu, sigmoid,
+2 s, their product, ...) and keeps four of them for backward; each is a full pass over memory,
+and on CPU each fresh tokens x f buffer is also page faults. `FusedFeedback` (the read, the write
+and the hidden-unit chain of one tensor-parallel rank) instead keeps only h, u, the feedback's
+tokens x r tensors and the weights, recomputes [db; gl] and every gradient from them in
+backward, so with `torch.compile` the elementwise part is one loop each way (inductor's C++
+backend on CPU, Triton on GPU) and the layer keeps the base FFN's tensors plus O(r).
 
 Modes (`model.afb_fused`):
-- `off`:  the write GEMM and the unfused `afb.feedback_hidden` under autograd (the reference; bit-exact with the
-  base FFN at initialisation).
+- `off`:  megatron's parallel linears for the read and the write and the unfused
+  `afb.feedback_hidden` under autograd (the reference; bit-exact with the base FFN at initialisation).
 - `on`:   the fused op with compiled bodies; a compile failure is an error.
 - `auto`: the fused op, compiled where compile works; where it does not (no C++ compiler for
   inductor, dynamo unsupported or disabled with TORCHDYNAMO_DISABLE=1) the same op with eager
@@ -105,52 +106,100 @@ def _run(which: int, mode: str, device_type: str, *args):
         return eager(*args)
 
 
-class FusedFeedbackHidden(torch.autograd.Function):
-    """a = feedback_hidden(h, u, db, gl) with [db; gl] = z W^T, W the [Ub; Ug] write weight shard.
+def _tp_size(group) -> int:
+    return 1 if group is None else torch.distributed.get_world_size(group)
 
-    The write matmul is inside the op so that its tokens x 2f output need not be kept: backward
-    recomputes it from z (tokens x r) -- one small GEMM, 2 f r multiply-adds per token -- and
-    then gets every gradient in one elementwise pass. Saved: h (which the feedback read's weight
-    gradient keeps anyway), u, z and W; so the layer keeps the base FFN's tensors plus O(r).
+
+class FusedFeedback(torch.autograd.Function):
+    """a = feedback_hidden(h, u, db, gl): the whole feedback path of one tensor-parallel rank.
+
+        vh = all_reduce(h V_k^T) + c       the read, row-parallel over this rank's units
+        z  = gelu(vh)                      replicated over TP
+        [db; gl] = z W_k^T                 the write, column-parallel (W_k = [Ub_k; Ug_k])
+
+    Why the read is inside the op and not megatron's RowParallelLinear: h has two consumers,
+    the read and the hidden-unit path. Apart, autograd adds their two tokens x f gradients in
+    one more pass over memory; here dh = dp + dvh V_k is one GEMM accumulating into dp.
+    Backward recomputes [db; gl] from z (2 f r multiply-adds per token) instead of keeping it,
+    so the op keeps h, u, vh, z and the weights: the base FFN's tensors plus 2r per token.
+
+    Under sequence parallelism megatron reduce-scatters vh, adds c and applies gelu on the
+    sequence shard, and all-gathers z for the write (the reverse in backward); one all-reduce of
+    tokens x r here moves the same data and gives the same z. The one difference kept: c's
+    gradient sums only this rank's shard of the sequence, as megatron's does, because the
+    engine then sums `sequence_parallel` parameters' gradients over TP.
     """
 
     @staticmethod
-    def forward(ctx, h, u, z, weight, mode):
-        ctx.mode = mode
+    def forward(ctx, h, u, read_weight, read_bias, write_weight, mode, tp_group, sequence_parallel):
+        f = h.shape[-1]
+        h2 = h.reshape(-1, f)  # a view, also for SwiGLU's strided half of fc1's output
+        vh = torch.nn.functional.linear(h2, read_weight)
+        if _tp_size(tp_group) > 1:
+            torch.distributed.all_reduce(vh, group=tp_group)
+        vh = vh + read_bias
+        z = torch.nn.functional.gelu(vh)
+        ctx.mode, ctx.tp_group, ctx.sequence_parallel = mode, tp_group, sequence_parallel
+        ctx.read_bias_dtype = read_bias.dtype
         ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
-        ctx.save_for_backward(h, u, z, weight)
-        return _run(0, mode, h.device.type, h, u, torch.nn.functional.linear(z, weight))
+        ctx.save_for_backward(h, u, read_weight, write_weight, vh, z)
+        db_gl = torch.nn.functional.linear(z, write_weight).view(*h.shape[:-1], 2 * f)
+        z_out = z.view(*h.shape[:-1], -1)
+        ctx.mark_non_differentiable(z_out)
+        return _run(0, mode, h.device.type, h, u, db_gl), z_out
 
     @staticmethod
-    def backward(ctx, da):
-        h, u, z, weight = ctx.saved_tensors
+    def backward(ctx, da, _z_grad):
+        h, u, read_weight, weight, vh, z = ctx.saved_tensors
+        f = h.shape[-1]
         enabled, dtype = ctx.autocast
         with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):  # the forward's db_gl exactly
-            db_gl = torch.nn.functional.linear(z, weight)
+            db_gl = torch.nn.functional.linear(z, weight).view(*h.shape[:-1], 2 * f)
         du, dp, dgl = _run(1, ctx.mode, h.device.type, da.contiguous(), h, u, db_gl)
-        f = h.shape[-1]
         # d[db; gl] = [dp; dgl] (dh == d(db) == dp: both enter only through h + db), taken
         # through the write weight's two halves [Ub; Ug] so that no tokens x 2f buffer is formed.
-        dp2, dgl2 = dp.reshape(-1, f), dgl.reshape(-1, f)
+        dp2, dgl2 = dp.view(-1, f), dgl.view(-1, f)
         w = weight.to(dp2.dtype)
-        dz = torch.addmm(dp2 @ w[:f], dgl2, w[f:]).view(z.shape).to(z.dtype)
-        z2 = z.reshape(-1, z.shape[-1]).to(dp2.dtype)
+        dz = torch.addmm(dp2 @ w[:f], dgl2, w[f:])
+        z2 = z.to(dp2.dtype)
         dweight = torch.cat([dp2.t() @ z2, dgl2.t() @ z2]).to(weight.dtype)  # 2f x r: small
-        return dp, du, dz, dweight, None
+        if _tp_size(ctx.tp_group) > 1:  # each rank's units gave part of dz
+            torch.distributed.all_reduce(dz, group=ctx.tp_group)
+        # gelu's gradient in vh's dtype (fp32 under autocast, as autograd takes it), the GEMMs in
+        # the dtype the forward's autocast ran them in
+        dvh = torch.ops.aten.gelu_backward(dz.to(vh.dtype), vh)
+        if ctx.sequence_parallel:
+            rank, size = torch.distributed.get_rank(ctx.tp_group), _tp_size(ctx.tp_group)
+            dvh_shard = dvh.view(size, -1, dvh.shape[-1])[rank]  # tokens run sequence-major
+        else:
+            dvh_shard = dvh
+        dbias = dvh_shard.sum(0).to(ctx.read_bias_dtype)
+        dvh = dvh.to(dp2.dtype)
+        # (h^T dvh)^T, not dvh^T h: the same GEMM, 10-25% faster in MKL at r = 64 (tokens as K).
+        dread = (h.reshape(-1, f).t() @ dvh).t().to(read_weight.dtype)
+        # into dp, this op's own buffer; out= rather than addmm_, which torch's FLOP counter misses
+        dh = torch.addmm(dp2, dvh, read_weight.to(dvh.dtype), out=dp2)
+        return dh.view(dp.shape), du, dread, dbias, dweight, None, None, None
 
 
-def fused_feedback_hidden(
-    h: torch.Tensor, u: torch.Tensor | None, z: torch.Tensor, write_weight: torch.Tensor, mode: str = "auto"
-) -> torch.Tensor:
-    """The hidden activation a of AFB-FFN from h, u (SwiGLU), the feedback z and the [Ub; Ug] weight.
+def fused_feedback(
+    h: torch.Tensor,
+    u: torch.Tensor | None,
+    read_weight: torch.Tensor,
+    read_bias: torch.Tensor,
+    write_weight: torch.Tensor,
+    mode: str = "auto",
+    tp_group=None,
+    sequence_parallel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, z): AFB-FFN's hidden activation from fc1's output h (u: SwiGLU's linear branch), and the
+    feedback z (detached; for the layer metrics).
 
-    z must already be the write's input as megatron's ColumnParallelLinear would use it (all-
-    gathered under sequence parallelism, with the backward all-reduce / reduce-scatter of dz):
-    parallel_afb.AFBMLP applies those region ops.
+    h is this rank's slice of hidden units for all tokens of the micro-batch (under sequence
+    parallelism fc1 has already all-gathered the sequence); the weights are this rank's shards
+    of V (r x f_k), c (r) and [Ub_k; Ug_k] (2 f_k x r). For mode "off" use the modules instead:
+    parallel_afb.AFBMLP does.
     """
-    if mode not in MODES:
-        raise ValueError(f"afb_fused={mode!r} is not allowed; choose one of {', '.join(MODES)}")
-    if mode == "off":
-        db, gate_logits = torch.chunk(torch.nn.functional.linear(z, write_weight), 2, dim=-1)
-        return feedback_hidden(h, u, db, gate_logits)
-    return FusedFeedbackHidden.apply(h, u, z, write_weight, mode)
+    if mode not in MODES or mode == "off":
+        raise ValueError(f"afb_fused={mode!r} is not allowed here; choose one of auto, on")
+    return FusedFeedback.apply(h, u, read_weight, read_bias, write_weight, mode, tp_group, sequence_parallel)

@@ -15,8 +15,9 @@ included. It adds the sharded feedback units:
   ColumnParallelLinear all-reduces dz in backward, which a hand-rolled version would forget.
 
 The hidden-unit math is `afb.feedback_hidden`, shared with the single-device reference; with
-`fused` (model.afb_fused) other than "off" it runs as afb_fused.FusedFeedbackHidden, one op that
-keeps only its inputs and recomputes in backward.
+`fused` (model.afb_fused) other than "off" the read, the write and that math run as
+afb_fused.FusedFeedback, one op on these modules' weights that keeps only h, u and tokens x r
+tensors and recomputes in backward.
 """
 
 from __future__ import annotations
@@ -31,11 +32,8 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules, apply_swiglu_shard
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
-                                                   gather_from_sequence_parallel_region)
-
 from afb_scale.model.afb import feedback_hidden, feedback_statistics
-from afb_scale.model.afb_fused import MODES, fused_feedback_hidden
+from afb_scale.model.afb_fused import MODES, fused_feedback
 
 
 @dataclass
@@ -120,27 +118,24 @@ class AFBMLP(MLP):
         u = None
         if self.config.gated_linear_unit:
             h, u = torch.chunk(h, 2, dim=-1)
-        vh, _ = self.feedback_read(h)
-        z = F.gelu(vh)
-        # Under ZeRO-3 DeepSpeed gathers feedback_write's weight in that module's own forward and
-        # replays a recorded fetch order; reading the weight from here breaks its trace ("tracing
-        # error at step N"), so ZeRO-3 keeps the unfused path (TODO: host the op in a
-        # ColumnParallelLinear subclass's forward).
+        # Under ZeRO-3 DeepSpeed gathers each module's weights in that module's own forward and
+        # replays a recorded fetch order; the fused op reads the feedback weights from here,
+        # which breaks its trace ("tracing error at step N"), so ZeRO-3 keeps the modules' path
+        # (TODO: host the op in a module whose forward owns the feedback weights).
         zero3 = any(hasattr(p, "ds_id") for p in self.feedback_write.parameters(recurse=False))
         if self.fused == "off" or zero3:
+            vh, _ = self.feedback_read(h)
+            z = F.gelu(vh)
             db_and_gate, _ = self.feedback_write(z)  # [db; gate logits] along the last dimension
             db, gate_logits = torch.chunk(db_and_gate, 2, dim=-1)
             a = feedback_hidden(h, u, db, gate_logits)
         else:
-            # The write GEMM runs inside the fused op (so [db; gl] is recomputed, not kept); z
-            # goes through the region op ColumnParallelLinear applies to its input: all-gather
-            # under sequence parallelism, else identity with dz all-reduced in backward.
-            z_in = (gather_from_sequence_parallel_region(z, group=self.tp_group) if self.config.sequence_parallel
-                    else copy_to_tensor_model_parallel_region(z, group=self.tp_group))
-            a = fused_feedback_hidden(h, u, z_in, self.feedback_write.weight, self.fused)
+            a, z = fused_feedback(h, u, self.feedback_read.weight, self.feedback_read.bias,
+                                  self.feedback_write.weight, self.fused, self.tp_group,
+                                  self.config.sequence_parallel)
             if self.collect_stats:
                 with torch.no_grad():
-                    db, gate_logits = torch.chunk(F.linear(z_in, self.feedback_write.weight), 2, dim=-1)
+                    db, gate_logits = torch.chunk(F.linear(z, self.feedback_write.weight), 2, dim=-1)
         if self.collect_stats:
             self.last_stats = feedback_statistics(h, db, gate_logits, a)
         return self.linear_fc2(a)
