@@ -294,7 +294,8 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
                        2 sigmoid(.), h + db, act(h + db), the product a; SwiGLU adds silu's
                        product with u) plus V h and z: 2r (per token; /t under sequence parallelism);
                        with the fused AFB op (model.afb_fused, not under ZeRO-3) afb-gelu 2 and
-                       afb-swiglu 3 (h [and u], a) plus the same 2r
+                       afb-swiglu 3 (h [and u], a) plus 2r, for every token also under sequence
+                       parallelism (the op all-reduces V h rather than reduce-scattering it)
       dropout          a bool mask per hidden-dropout site where dropout > 0
     """
     h, f, r, s = model.hidden_size, model.resolved_ffn_hidden_size, model.feedback_rank, model.seq_length
@@ -314,9 +315,8 @@ def layer_activation_bytes(model: ModelConfig, layout: Layout) -> float:
     mlp = {"gelu": 2, "swiglu": 5, "afb-gelu": 6, "afb-swiglu": 8}[model.ffn_kind if model.structure is None else base]
     fused_afb = model.is_afb and model.afb_fused != "off" and layout.zero_stage != 3
     if fused_afb:
-        # The fused op (model/afb_fused.py) keeps h + db in place of fc1's output h (SwiGLU: and
-        # its own copy of u) and, for fc2, the activation a -- gelu 2, swiglu 3 per f/t (ZeRO-3
-        # runs the unfused path).
+        # The fused op (model/afb_fused.py) keeps only its inputs: fc1's output(s) and, for fc2,
+        # the activation a -- gelu 2, swiglu 3 per f/t (ZeRO-3 runs the unfused path).
         mlp = {"afb-gelu": 2, "afb-swiglu": 3}[model.ffn_kind]
     per_token += mlp * f / t * e
     if model.structure is not None:

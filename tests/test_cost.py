@@ -194,13 +194,12 @@ def test_structured_flops_per_token_match_torch_flop_counter(counted):
 def test_sdpa_model_counts_the_same_matmuls_outside_attention(counted):
     """The default fused attention runs the same projections, MLP and logits: torch counts the
     formula less the attention matmuls it cannot see in the CPU SDPA kernel. These models run
-    the default fused AFB op, which recomputes the gate logits gl = z Ug^T in backward (2 f r
-    per token and layer) and forms dV from p = h + db (dvh^T z and its product with Ub^T:
-    2 r r per token, 2 r r f per layer) more than the model FLOPs, and nothing else."""
+    the default fused AFB op, which recomputes its write [db; gl] = z [Ub; Ug]^T in backward:
+    2 x 2f x r more per token and layer than the model FLOPs, and nothing else."""
     for model, (flops, by_op) in zip(SDPA, counted[1]):
         s, h = model.seq_length, model.hidden_size
-        f, r = model.resolved_ffn_hidden_size, model.feedback_rank
-        recomputed = model.num_layers * (2 * f * r * s + 2 * r * r * s + 2 * r * r * f) if model.is_afb else 0
+        recomputed = 2 * 2 * model.resolved_ffn_hidden_size * model.feedback_rank * model.num_layers * s \
+            if model.is_afb else 0
         assert flops == flops_per_token(model) * s - 3 * model.num_layers * 2 * 2 * s * s * h + recomputed, \
             (model.ffn_kind, by_op)
 

@@ -39,12 +39,7 @@ def feedback_hidden(
     With db = 0 and gate_logits = 0 this is exactly act(h) (2 * 0.5 == 1 in floating point),
     which is what makes AFB-FFN the base FFN bit for bit at initialisation.
     """
-    return gated_activation(h + db, u, gate_logits)
-
-
-def gated_activation(p: torch.Tensor, u: torch.Tensor | None, gate_logits: torch.Tensor) -> torch.Tensor:
-    """2 sigmoid(gate_logits) * act(p): `feedback_hidden` once p = h + db is formed."""
-    return 2.0 * torch.sigmoid(gate_logits) * base_activation(p, u)
+    return 2.0 * torch.sigmoid(gate_logits) * base_activation(h + db, u)
 
 
 @torch.no_grad()

@@ -7,11 +7,10 @@ statement, which this module calls for its forward). Written as plain torch ops 
 the hidden-unit chain materialises six tokens x f tensors in forward (h + db, gelu, sigmoid,
 2 s, their product, ...) and keeps four of them for backward; each is a full pass over memory,
 and on CPU each fresh tokens x f buffer is also page faults. `FusedFeedback` (the read, the write
-and the hidden-unit chain of one tensor-parallel rank) instead keeps only p = h + db (in place
-of h), u, the feedback's tokens x r tensors and the weights, and recomputes the gate logits and
-every gradient from them in backward: with `torch.compile` the elementwise part is one loop
-each way (inductor's C++ backend on CPU, Triton on GPU), and the layer keeps the base FFN's
-tensors plus O(r).
+and the hidden-unit chain of one tensor-parallel rank) instead keeps only h, u, the feedback's
+tokens x r tensors and the weights, recomputes [db; gl] and every gradient from them in
+backward, so with `torch.compile` the elementwise part is one loop each way (inductor's C++
+backend on CPU, Triton on GPU) and the layer keeps the base FFN's tensors plus O(r).
 
 Modes (`model.afb_fused`):
 - `off`:  megatron's parallel linears for the read and the write and the unfused
@@ -19,7 +18,7 @@ Modes (`model.afb_fused`):
 - `on`:   the fused op with compiled bodies; a compile failure is an error.
 - `auto`: the fused op, compiled where compile works; where it does not (no C++ compiler for
   inductor, dynamo unsupported or disabled with TORCHDYNAMO_DISABLE=1) the same op with eager
-  bodies, which is slower than `off` per step but keeps as little for backward.
+  bodies, which is slower than `off` per step but still keeps only the inputs for backward.
 
 Numerics: the compiled kernels evaluate erf / exp with inductor's vectorised code, which differs
 from ATen's eager kernels by an ulp or so (|diff| <= ~2e-6 on values of order 1 in fp32), so
@@ -35,7 +34,7 @@ import warnings
 
 import torch
 
-from afb_scale.model.afb import gated_activation
+from afb_scale.model.afb import feedback_hidden
 
 MODES = ("auto", "on", "off")
 
@@ -43,25 +42,25 @@ _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def _forward_body(h: torch.Tensor, u: torch.Tensor | None, db_gl: torch.Tensor):
-    """(a, p): the hidden activation and p = h + db, which backward keeps instead of h."""
+def _forward_body(h: torch.Tensor, u: torch.Tensor | None, db_gl: torch.Tensor) -> torch.Tensor:
     f = h.shape[-1]
-    p = h + db_gl[..., :f]
-    return gated_activation(p, u, db_gl[..., f:]), p
+    return feedback_hidden(h, u, db_gl[..., :f], db_gl[..., f:])
 
 
-def _backward_body(da: torch.Tensor, p: torch.Tensor, u: torch.Tensor | None, gl: torch.Tensor):
-    """d/d(p, u, gl) of gated_activation(p, u, gl), recomputed from its inputs in one pass.
+def _backward_body(da: torch.Tensor, h: torch.Tensor, u: torch.Tensor | None, db_gl: torch.Tensor):
+    """d/d(h, u, [db; gl]) of feedback_hidden, recomputed from the inputs in one pass.
 
-    With s = sigmoid(gl), g = 2 s, a = g * act(p) (* u):
-        dp  = da * g * act'(p) (* u)     -- also dh and d(db): both enter only through p = h + db
+    With p = h + db, s = sigmoid(gl), g = 2 s, a = g * act(p) (* u):
+        dp  = da * g * act'(p) (* u)     -- also dh: h and db enter only through p
         dgl = da * act(p) (* u) * 2 s (1 - s)
         du  = da * g * silu(p)
     Returns (du or None, dp, dgl). Not concatenated: a [dp; dgl] buffer would be one more
     tokens x 2f write and read per layer (measured 35 ms a step at the 1.3B shape, seq 1024, on
     CPU); the caller uses the halves of the write weight instead.
     """
-    s = torch.sigmoid(gl)
+    f = h.shape[-1]
+    p = h + db_gl[..., :f]
+    s = torch.sigmoid(db_gl[..., f:])
     g = 2.0 * s
     if u is None:
         cdf = 0.5 * (1.0 + torch.erf(p * _SQRT1_2))
@@ -121,9 +120,8 @@ class FusedFeedback(torch.autograd.Function):
     Why the read is inside the op and not megatron's RowParallelLinear: h has two consumers,
     the read and the hidden-unit path. Apart, autograd adds their two tokens x f gradients in
     one more pass over memory; here dh = dp + dvh V_k is one GEMM accumulating into dp.
-    It keeps p = h + db in place of h, u, vh, z and the weights -- the base FFN's tensors plus
-    2r per token -- and backward recomputes gl = z Ug^T (f r multiply-adds per token); h, which
-    dV = dvh^T h needs, is p - z Ub^T, so dV costs one r x r x f product more.
+    Backward recomputes [db; gl] from z (2 f r multiply-adds per token) instead of keeping it,
+    so the op keeps h, u, vh, z and the weights: the base FFN's tensors plus 2r per token.
 
     Under sequence parallelism megatron reduce-scatters vh, adds c and applies gelu on the
     sequence shard, and all-gathers z for the write (the reverse in backward); one all-reduce of
@@ -144,26 +142,20 @@ class FusedFeedback(torch.autograd.Function):
         ctx.mode, ctx.tp_group, ctx.sequence_parallel = mode, tp_group, sequence_parallel
         ctx.read_bias_dtype = read_bias.dtype
         ctx.autocast = (torch.is_autocast_enabled(h.device.type), torch.get_autocast_dtype(h.device.type))
+        ctx.save_for_backward(h, u, read_weight, write_weight, vh, z)
         db_gl = torch.nn.functional.linear(z, write_weight).view(*h.shape[:-1], 2 * f)
-        a, p = _run(0, mode, h.device.type, h, u, db_gl)
-        # Keeping p = h + db rather than h leaves backward only gl = z Ug^T to recompute (f r
-        # multiply-adds per token instead of 2 f r) for one more tokens x f write here; SwiGLU's
-        # u, a view into fc1's [h; u] output, is copied so that output's storage can go.
-        if u is not None and not u.is_contiguous():
-            u = u.contiguous()
-        ctx.save_for_backward(p, u, read_weight, write_weight, vh, z)
         z_out = z.view(*h.shape[:-1], -1)
         ctx.mark_non_differentiable(z_out)
-        return a, z_out
+        return _run(0, mode, h.device.type, h, u, db_gl), z_out
 
     @staticmethod
     def backward(ctx, da, _z_grad):
-        p, u, read_weight, weight, vh, z = ctx.saved_tensors
-        f = p.shape[-1]
+        h, u, read_weight, weight, vh, z = ctx.saved_tensors
+        f = h.shape[-1]
         enabled, dtype = ctx.autocast
-        with torch.autocast(p.device.type, dtype=dtype, enabled=enabled):  # gl as the forward's autocast made it
-            gl = torch.nn.functional.linear(z, weight[f:]).view(p.shape)
-        du, dp, dgl = _run(1, ctx.mode, p.device.type, da.contiguous(), p, u, gl)
+        with torch.autocast(h.device.type, dtype=dtype, enabled=enabled):  # the forward's db_gl exactly
+            db_gl = torch.nn.functional.linear(z, weight).view(*h.shape[:-1], 2 * f)
+        du, dp, dgl = _run(1, ctx.mode, h.device.type, da.contiguous(), h, u, db_gl)
         # d[db; gl] = [dp; dgl] (dh == d(db) == dp: both enter only through h + db), taken
         # through the write weight's two halves [Ub; Ug] so that no tokens x 2f buffer is formed.
         dp2, dgl2 = dp.view(-1, f), dgl.view(-1, f)
@@ -171,23 +163,21 @@ class FusedFeedback(torch.autograd.Function):
         dz = torch.addmm(dp2 @ w[:f], dgl2, w[f:])
         z2 = z.to(dp2.dtype)
         dweight = torch.cat([dp2.t() @ z2, dgl2.t() @ z2]).to(weight.dtype)  # 2f x r: small
-        if _tp_size(ctx.tp_group) > 1:  # each rank's units gave part of dz
+        size = _tp_size(ctx.tp_group)
+        if size > 1:  # each rank's units gave part of dz
             torch.distributed.all_reduce(dz, group=ctx.tp_group)
         # gelu's gradient in vh's dtype (fp32 under autocast, as autograd takes it), the GEMMs in
         # the dtype the forward's autocast ran them in
         dvh = torch.ops.aten.gelu_backward(dz.to(vh.dtype), vh)
-        if ctx.sequence_parallel:
-            rank, size = torch.distributed.get_rank(ctx.tp_group), _tp_size(ctx.tp_group)
+        if ctx.sequence_parallel and size > 1:
+            rank = torch.distributed.get_rank(ctx.tp_group)
             dvh_shard = dvh.view(size, -1, dvh.shape[-1])[rank]  # tokens run sequence-major
         else:
             dvh_shard = dvh
         dbias = dvh_shard.sum(0).to(ctx.read_bias_dtype)
         dvh = dvh.to(dp2.dtype)
-        # dV = dvh^T h with h = p - z Ub^T: (p^T dvh)^T - (dvh^T z) Ub^T, the second term r x r x f.
-        # (p^T dvh)^T, not dvh^T p: the same GEMM, 10-25% faster in MKL at r = 64 (tokens as K).
-        z2 = z.to(dvh.dtype)
-        dread = torch.addmm((p.view(-1, f).t() @ dvh).t(), dvh.t() @ z2, w[:f].t(), alpha=-1)
-        dread = dread.to(read_weight.dtype)
+        # (h^T dvh)^T, not dvh^T h: the same GEMM, 10-25% faster in MKL at r = 64 (tokens as K).
+        dread = (h.reshape(-1, f).t() @ dvh).t().to(read_weight.dtype)
         # into dp, this op's own buffer; out= rather than addmm_, which torch's FLOP counter misses
         dh = torch.addmm(dp2, dvh, read_weight.to(dvh.dtype), out=dp2)
         return dh.view(dp.shape), du, dread, dbias, dweight, None, None, None

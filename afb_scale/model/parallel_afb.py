@@ -16,8 +16,8 @@ included. It adds the sharded feedback units:
 
 The hidden-unit math is `afb.feedback_hidden`, shared with the single-device reference; with
 `fused` (model.afb_fused) other than "off" the read, the write and that math run as
-afb_fused.FusedFeedback, one op on these modules' weights that keeps h + db, u and tokens x r
-tensors and recomputes the rest in backward.
+afb_fused.FusedFeedback, one op on these modules' weights that keeps only h, u and tokens x r
+tensors and recomputes in backward.
 """
 
 from __future__ import annotations
