@@ -15,6 +15,8 @@ Deciding 5% on a shared machine: rep i times one base step and one AFB step back
 alternating base-first / AFB-first, so drift within a pair cancels over the reps), and the
 statistic is the per-pair ratio AFB_i / base_i: its median, a bootstrap 95% CI of that median
 (resampling the pairs), and its min..max. Load that lasts longer than a pair hits both halves.
+Beside it, the median over the same pairs of the ratio without the AdamW step (fwd + bwd: where
+AFB's extra work is) and each variant's AdamW time: a diagnosis of where the cost lies, not the verdict.
 
 Also per variant: peak memory of one step (CUDA: max_memory_allocated; CPU: the rise of the
 process's peak RSS over the step, measured after malloc_trim, with /proc/self/clear_refs resetting
@@ -137,7 +139,8 @@ class Variant:
         self.pos = position_ids_for(self.tokens)
         self.mask = causal_attention_mask(cfg.seq_length, self.device)
         self.bf16 = args.bf16
-        self.times: list[float] = []
+        self.times: list[float] = []  # whole steps
+        self.opt_times: list[float] = []  # their AdamW part (proportional to the parameter count)
 
     def sync(self):
         if self.device.type == "cuda":
@@ -152,10 +155,14 @@ class Variant:
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         self.loss().backward()
+        self.sync()
+        t1 = time.perf_counter()
         self.opt.step()
         self.sync()
         if record:
-            self.times.append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            self.times.append(t2 - t0)
+            self.opt_times.append(t2 - t1)
 
     def peak_step_bytes(self) -> int:
         """Peak memory of one step above what is resident before it (-1 if not measurable)."""
@@ -233,9 +240,13 @@ def measure_pair(args, d, heads, base, seq):
     peaks = [v.peak_step_bytes() for v in variants]
     base_t, afb_t = variants[0].times, variants[1].times
     ratios = [a / b for a, b in zip(afb_t, base_t)]
+    # the same pairs without AdamW: where AFB's extra work is (its optimizer part only tracks its 3 f r
+    # extra parameters per layer)
+    fwd_bwd = [(a - ao) / (b - bo) for a, ao, b, bo in zip(afb_t, variants[1].opt_times, base_t, variants[0].opt_times)]
     f, r = cfgs[0].resolved_ffn_hidden_size, args.rank
     row = dict(f=f, base_ms=1e3 * statistics.median(base_t), afb_ms=1e3 * statistics.median(afb_t),
-               ratio=statistics.median(ratios), ci=bootstrap_median_ci(ratios, args.seed), lo=min(ratios), hi=max(ratios),
+               ratio=statistics.median(ratios), fwd_bwd=statistics.median(fwd_bwd),
+               opt_ms=[1e3 * statistics.median(v.opt_times) for v in variants], ci=bootstrap_median_ci(ratios, args.seed), lo=min(ratios), hi=max(ratios),
                peaks=peaks, saved=saved, params=[v.params for v in variants],
                share=3 * f * r / layer_macs(d, f, r, seq, cfgs[0].is_gated, afb=False))
     for v in variants:
@@ -271,9 +282,9 @@ def main(argv=None):
           f"warmup={args.warmup}, pairs={args.reps} (interleaved, alternating order), seed={args.seed}, "
           f"model.afb_fused={args.afb_fused}, malloc cache {'on' if args.malloc_cache else 'off'}, load average at start "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
-    print("| shape | base | seq | base ms | AFB ms | AFB/base median | 95% CI | min..max "
-          "| peak MiB base / AFB | saved B/token FFN base / AFB | layer base / AFB | verdict |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | base | seq | base ms | AFB ms | AFB/base median | 95% CI | min..max | fwd+bwd AFB/base "
+          "| AdamW ms base / AFB | peak MiB base / AFB | saved B/token FFN base / AFB | layer base / AFB | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst_13b = None
     for shape in args.shapes.split(","):
         d, heads = SHAPES[shape]
@@ -290,13 +301,16 @@ def main(argv=None):
                 mib = lambda b: "n/a" if b < 0 else f"{b / 2**20:.0f}"  # noqa: E731
                 (fb, lb), (fa, la) = row["saved"]
                 print(f"| {shape} (d={d}, f={row['f']}) | {base} | {seq} | {row['base_ms']:.1f} | {row['afb_ms']:.1f} "
-                      f"| {row['ratio']:.3f} | {lo:.3f}..{hi:.3f} | {row['lo']:.3f}..{row['hi']:.3f} "
+                      f"| {row['ratio']:.3f} | {lo:.3f}..{hi:.3f} | {row['lo']:.3f}..{row['hi']:.3f} | {row['fwd_bwd']:.3f} "
+                      f"| {row['opt_ms'][0]:.0f} / {row['opt_ms'][1]:.0f} "
                       f"| {mib(row['peaks'][0])} / {mib(row['peaks'][1])} | {fb:,.0f} / {fa:,.0f} "
                       f"| {lb:,.0f} / {la:,.0f} | {verdict} |", flush=True)
     print(f"\nAFB path: {kernel_path(args.device, args.afb_fused)}. Load average (1, 5, 15 min) at the end: "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}.")
     print(f"Verdict at 1.3B: median <= {TARGET} and the CI's upper end <= {CI_TARGET}. The ratio is per pair "
           "(AFB step / the base step timed next to it); the CI bootstraps the median over the pairs.")
+    print("fwd+bwd: the median over the same pairs of the step times less their AdamW step (AFB's extra work; "
+          "its AdamW part grows only with its 3 f r extra parameters per layer).")
     print("Peak: the rise of peak memory over one step (CPU: process peak RSS after malloc_trim; includes "
           "gradients and AdamW state allocated on that step if absent before). Saved: bytes kept for backward "
           "per token in layer 1 (its FFN block; the whole transformer layer), parameters excluded.")
