@@ -102,13 +102,6 @@ def model_config(args, d: int, heads: int, kind: str, seq: int):
                        feedback_rank=args.rank, seq_length=seq, vocab_size=args.vocab, afb_fused=args.afb_fused)
 
 
-def layer_macs(d: int, f: int, r: int, s: int, gated: bool, afb: bool) -> int:
-    """Multiply-adds per token in one transformer layer (attention + FFN, no norms)."""
-    attn = 4 * d * d + 2 * s * d  # QKV + output projections, QK^T and AV (unmasked count)
-    ffn = (3 if gated else 2) * d * f
-    return attn + ffn + (3 * f * r if afb else 0)
-
-
 def _rss_peak_reset() -> int:
     """Give freed heap back (malloc_trim), reset the peak RSS; returns the current RSS in bytes."""
     try:
@@ -133,7 +126,6 @@ class Variant:
 
         self.device = torch.device(args.device)
         self.model = build_gpt_model(cfg, seed=args.seed).to(self.device)
-        self.params = sum(p.numel() for p in self.model.parameters())
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.1)
         self.tokens, self.labels = tokens.to(self.device), labels.to(self.device)
         self.pos = position_ids_for(self.tokens)
@@ -243,12 +235,11 @@ def measure_pair(args, d, heads, base, seq):
     # the same pairs without AdamW: where AFB's extra work is (its optimizer part only tracks its 3 f r
     # extra parameters per layer)
     fwd_bwd = [(a - ao) / (b - bo) for a, ao, b, bo in zip(afb_t, variants[1].opt_times, base_t, variants[0].opt_times)]
-    f, r = cfgs[0].resolved_ffn_hidden_size, args.rank
-    row = dict(f=f, base_ms=1e3 * statistics.median(base_t), afb_ms=1e3 * statistics.median(afb_t),
-               ratio=statistics.median(ratios), fwd_bwd=statistics.median(fwd_bwd),
-               opt_ms=[1e3 * statistics.median(v.opt_times) for v in variants], ci=bootstrap_median_ci(ratios, args.seed), lo=min(ratios), hi=max(ratios),
-               peaks=peaks, saved=saved, params=[v.params for v in variants],
-               share=3 * f * r / layer_macs(d, f, r, seq, cfgs[0].is_gated, afb=False))
+    row = dict(f=cfgs[0].resolved_ffn_hidden_size, base_ms=1e3 * statistics.median(base_t),
+               afb_ms=1e3 * statistics.median(afb_t), ratio=statistics.median(ratios),
+               ci=bootstrap_median_ci(ratios, args.seed), lo=min(ratios), hi=max(ratios),
+               fwd_bwd=statistics.median(fwd_bwd), opt_ms=[1e3 * statistics.median(v.opt_times) for v in variants],
+               peaks=peaks, saved=saved)
     for v in variants:
         v.release()
     del variants

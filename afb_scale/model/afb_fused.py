@@ -201,6 +201,6 @@ def fused_feedback(
     of V (r x f_k), c (r) and [Ub_k; Ug_k] (2 f_k x r). For mode "off" use the modules instead:
     parallel_afb.AFBMLP does.
     """
-    if mode not in MODES or mode == "off":
+    if mode not in ("auto", "on"):
         raise ValueError(f"afb_fused={mode!r} is not allowed here; choose one of auto, on")
     return FusedFeedback.apply(h, u, read_weight, read_bias, write_weight, mode, tp_group, sequence_parallel)
